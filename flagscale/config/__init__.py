@@ -1,0 +1,1 @@
+"""Configuration: experiment schema, hostfile, env layering, argument flattening."""

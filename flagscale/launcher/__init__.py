@@ -1,0 +1,1 @@
+"""Launchers: start, stop and query planned processes on their hosts."""

@@ -1,0 +1,149 @@
+"""Host-side process control, run on every host as `python -c <this file's source> VERB ...`.
+
+Standard library only: hosts need nothing installed but Python. It prints one JSON object.
+  start  SCRIPT LOG GRACE     start `bash SCRIPT` in a new session, output to LOG; report pid/pgid,
+                              or its exit code if it ended within GRACE seconds
+  status PGID EXIT_FILE       the processes of the job tree and the recorded exit code
+  stop   PGID TIMEOUT         SIGTERM every process group of the job tree, wait, SIGKILL the rest
+  port   PORT                 PORT (0: any) if it can be bound here, else an error
+
+The job tree is every process in the recorded session/group plus all their descendants: torchrun
+starts each worker in a session of its own, so the workers' groups are found through the tree
+(snapshotted before any signal, since orphans lose their parent link) and signalled by group id.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def _procs():
+    """(pid, ppid, pgid, sid, state) of every live process, from /proc."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        state, ppid, pgid, sid = fields[0], int(fields[1]), int(fields[2]), int(fields[3])
+        if state not in ("Z", "X"):
+            out.append((int(name), ppid, pgid, sid, state))
+    return out
+
+
+def _tree(root):
+    """{pid: pgid} of the job rooted at session/group `root`, descendants included."""
+    procs = _procs()
+    members = {p[0]: p[2] for p in procs if p[2] == root or p[3] == root}
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid, pgid, _sid, _state in procs:
+            if ppid in members and pid not in members:
+                members[pid] = pgid
+                changed = True
+    members.pop(os.getpid(), None)
+    return members
+
+
+def _alive(pids):
+    live = {p[0] for p in _procs()}
+    return [pid for pid in pids if pid in live]
+
+
+def start(script, log, grace):
+    os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
+    with open(log, "wb") as out, open(os.devnull, "rb") as devnull:
+        proc = subprocess.Popen(
+            ["bash", script], stdin=devnull, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True,
+        )
+    deadline = time.time() + float(grace)
+    while time.time() < deadline:
+        code = proc.poll()
+        if code is not None:
+            return {"pid": proc.pid, "pgid": proc.pid, "exited": code, "tail": _tail(log)}
+        time.sleep(0.05)
+    return {"pid": proc.pid, "pgid": proc.pid, "exited": None}
+
+
+def _tail(path, limit=2000):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def status(pgid, exit_file):
+    tree = _tree(int(pgid))
+    code = None
+    try:
+        with open(exit_file) as f:
+            code = int(f.read().strip() or "-1")
+    except (OSError, ValueError):
+        code = None
+    return {"pids": sorted(tree), "exit_code": code}
+
+
+def _signal_groups(groups, sig):
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def stop(pgid, timeout):
+    tree = _tree(int(pgid))
+    if not tree:
+        return {"found": 0, "terminated": 0, "killed": 0, "remaining": []}
+    groups = sorted(set(tree.values()))
+    _signal_groups(groups, signal.SIGTERM)
+    deadline = time.time() + float(timeout)
+    while time.time() < deadline and _alive(tree):
+        time.sleep(0.05)
+    stubborn = _alive(tree)
+    if stubborn:
+        _signal_groups(groups, signal.SIGKILL)
+        for pid in stubborn:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        end = time.time() + 5
+        while time.time() < end and _alive(stubborn):
+            time.sleep(0.05)
+    remaining = _alive(tree)
+    return {"found": len(tree), "terminated": len(tree) - len(stubborn), "killed": len(stubborn),
+            "remaining": remaining}
+
+
+def port(number):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("", int(number)))
+        return {"port": sock.getsockname()[1]}
+    except OSError as err:
+        return {"error": f"port {number} is in use ({err.strerror})"}
+    finally:
+        sock.close()
+
+
+def main(argv):
+    verbs = {"start": start, "status": status, "stop": stop, "port": port}
+    print(json.dumps(verbs[argv[0]](*argv[1:])))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,93 @@
+"""The job record, `<exp_dir>/job.json`: hosts, process-group ids, ports, state, timestamps.
+stop/query/logs need nothing else, from any later process, even after the launcher died."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from flagscale.config.hostfile import Host
+from flagscale.exceptions import JobRecordError
+
+RECORD_VERSION = 1
+
+
+class JobState(str, Enum):
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+    UNKNOWN = "UNKNOWN"
+
+    def is_terminal(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.STOPPED)
+
+
+@dataclass(slots=True, kw_only=True)
+class HostRecord:
+    host: Host
+    node_rank: int
+    pgid: int
+    script: str
+    log_path: str
+    exit_file: str
+    started_at: float
+    stopped_at: float | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class JobRecord:
+    run_id: str
+    task_type: str
+    exp_name: str
+    exp_dir: str
+    log_dir: str
+    created_at: float
+    hosts: list[HostRecord]
+    settings: dict[str, Any]
+    master_addr: str
+    master_port: int | None
+    after_stop: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    stop_requested_at: float | None = None
+    version: int = RECORD_VERSION
+
+    @property
+    def path(self) -> Path:
+        return record_path(self.exp_dir)
+
+    def save(self) -> None:
+        """Write atomically: a reader never sees half a record."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(self), indent=2, default=str) + "\n")
+        os.replace(tmp, self.path)
+
+    def mark_stop_requested(self) -> None:
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.time()
+
+
+def record_path(exp_dir: str | Path) -> Path:
+    return Path(exp_dir).resolve() / "job.json"
+
+
+def load_record(exp_dir: str | Path) -> JobRecord:
+    path = record_path(exp_dir)
+    if not path.is_file():
+        raise JobRecordError(f"no job record at {path}; launch a job there first (action=run)")
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != RECORD_VERSION:
+            raise JobRecordError(f"{path} has record version {data.get('version')}, expected {RECORD_VERSION}")
+        data["hosts"] = [
+            HostRecord(**{**h, "host": Host(**h["host"])}) for h in data["hosts"]
+        ]
+        return JobRecord(**data)
+    except (ValueError, KeyError, TypeError) as err:
+        raise JobRecordError(f"{path} is not a readable job record ({err}); remove it to start afresh") from None

@@ -1,0 +1,1 @@
+"""Runners: turn a validated config into a Plan (one per task type)."""

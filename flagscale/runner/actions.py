@@ -1,0 +1,249 @@
+"""The actions (dryrun, run, test, stop, query): one path for every task type.
+dryrun is literally the first half of run: the same plan, rendered and written, not started."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+import uuid
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from flagscale.config.loader import JobConfig, select_hosts
+from flagscale.exceptions import FlagScaleError, JobRecordError
+from flagscale.launcher.launcher import Launcher, job_state
+from flagscale.launcher.transport import SSHSettings
+from flagscale.record import JobRecord, JobState, load_record, record_path
+from flagscale.runner.base import PlanContext, TaskRunner, runner_for
+from flagscale.runner.metrics import describe, follow_progress, read_metrics
+from flagscale.runner.plan import Plan, render_script
+
+console = Console(highlight=False)
+
+
+def dispatch(job: JobConfig) -> int:
+    """Carry out `job.action`; returns the process exit code."""
+    handlers = {"dryrun": dryrun, "run": run, "test": test, "stop": stop, "query": query,
+                "auto_tune": auto_tune}
+    return handlers[job.action](job)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def prepare(job: JobConfig) -> tuple[TaskRunner, PlanContext]:
+    """Validate everything that can be validated before a process starts."""
+    hosts = select_hosts(job)
+    runner = runner_for(job.experiment.task.type)
+    ctx = PlanContext(job=job, hosts=hosts, run_id=new_run_id(), master_port=job.experiment.runner.master_port)
+    runner.validate(ctx)
+    return runner, ctx
+
+
+def launcher_settings(job: JobConfig) -> dict:
+    """What a launcher needs; kept in the job record so stop/query need no config."""
+    runner = job.experiment.runner
+    return {"ssh_port": runner.ssh_port, "strict_host_key_checking": runner.ssh_strict_host_key_checking,
+            "connect_timeout": runner.ssh_connect_timeout, "no_shared_fs": runner.no_shared_fs,
+            "stop_timeout": runner.stop_timeout, "python": job.python}
+
+
+def make_launcher(settings: dict) -> Launcher:
+    ssh = SSHSettings(port=settings["ssh_port"], strict_host_key_checking=settings["strict_host_key_checking"],
+                      connect_timeout=settings["connect_timeout"])
+    return Launcher(ssh=ssh, python=settings["python"], shared_fs=not settings["no_shared_fs"])
+
+
+def dryrun(job: JobConfig) -> int:
+    runner, ctx = prepare(job)
+    plan = runner.plan(ctx)
+    launcher = make_launcher(launcher_settings(job))
+    for spec in plan.processes:
+        path = Path(plan.script_path(spec))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_script(plan, spec))
+        target = "local" if spec.host.is_local else launcher.transport(spec.host).target
+        console.print(f"[bold]host {spec.host.name}[/] (node rank {spec.node_rank}, ssh target: {target})")
+        console.print(f"  script: {path}")
+        console.print(f"  command: {shlex.join(spec.argv)}", soft_wrap=True)
+    for note in plan.notes:
+        console.print(f"note: {note}")
+    if plan.master_port is None:
+        console.print("note: the rendezvous port is chosen at launch, free on the master host "
+                      "(set experiment.runner.master_port to fix it)")
+    console.print("dryrun: nothing was started.")
+    return 0
+
+
+def run(job: JobConfig) -> int:
+    record = launch(job)
+    first = record.hosts[0]
+    console.print(f"[bold green]started[/] {job.experiment.task.type} job {record.run_id} on "
+                  f"{len(record.hosts)} host(s)")
+    console.print(f"  experiment dir: {record.exp_dir}")
+    console.print(f"  log: {first.log_path}")
+    config_arg = _config_args(job)
+    console.print(f"  follow: tail -f {shlex.quote(first.log_path)}   (or: flagscale logs -f {record.exp_dir})")
+    console.print(f"  query:  python run.py {config_arg} action=query")
+    console.print(f"  stop:   python run.py {config_arg} action=stop")
+    return 0
+
+
+def launch(job: JobConfig) -> JobRecord:
+    """Plan, check nothing is running there already, start on every host, and record the job."""
+    runner, ctx = prepare(job)
+    _refuse_if_running(job)
+    with make_launcher(launcher_settings(job)) as launcher:
+        ctx.master_port = launcher.free_port(ctx.hosts[0], ctx.master_port)
+        plan = runner.plan(ctx)
+        for note in plan.notes:
+            console.print(f"note: {note}")
+        _save_config(job, plan)
+        record = launcher.launch(plan, _record_base(job, plan))
+    record.save()
+    remember_last_job(record.exp_dir)
+    return record
+
+
+def test(job: JobConfig) -> int:
+    """Run in the foreground: progress until the job ends; Ctrl-C stops it. Exit code = the job's."""
+    record = launch(job)
+    console.print(f"started {record.run_id}; log: {record.hosts[0].log_path}")
+    with make_launcher(record.settings) as launcher:
+        try:
+            state = follow_progress(console, record.info.get("metrics_file"),
+                                    lambda: job_state(launcher.status(record), record.stop_requested_at is not None))
+        except KeyboardInterrupt:
+            console.print("interrupted: stopping the job")
+            launcher.stop(record, record.settings["stop_timeout"])
+            record.save()
+            return 130
+        statuses = launcher.status(record)
+    return _finish(record, state, statuses)
+
+
+def _finish(record: JobRecord, state: JobState, statuses: list) -> int:
+    console.print(f"job {record.run_id}: {state.value}; {describe(read_metrics(record.info.get('metrics_file')))}")
+    if state is JobState.COMPLETED:
+        return 0
+    for status in statuses:
+        if status.state is JobState.FAILED:
+            host_record = next(h for h in record.hosts if h.host == status.host)
+            console.print(f"host {status.host.name} failed (exit {status.exit_code}); last lines of "
+                          f"{host_record.log_path}:")
+            console.print(_tail(host_record.log_path), markup=False)
+    codes = [s.exit_code for s in statuses if s.exit_code]
+    return codes[0] if codes else 1
+
+
+def stop(job: JobConfig) -> int:
+    return stop_job(job.exp_dir)
+
+
+def stop_job(exp_dir: str | Path) -> int:
+    """Stop the job recorded in exp_dir on every host; a later call retries hosts not reached."""
+    record = load_record(exp_dir)
+    if all(h.stopped_at is not None for h in record.hosts):
+        console.print(f"job {record.run_id}: already stopped; nothing to do")
+        return 0
+    with make_launcher(record.settings) as launcher:
+        results = launcher.stop(record, record.settings["stop_timeout"])
+    record.save()
+    failed = 0
+    for result in results:
+        if result.error:
+            failed += 1
+            console.print(f"host {result.host.name}: [red]{result.error}[/] (run stop again to retry)")
+        else:
+            console.print(f"host {result.host.name}: ended {result.found} process(es)"
+                          + (f", {result.killed} needed SIGKILL" if result.killed else ""))
+    console.print(f"job {record.run_id}: " + ("stopped" if not failed else f"{failed} host(s) not reached"))
+    return 1 if failed else 0
+
+
+def query(job: JobConfig) -> int:
+    return query_job(job.exp_dir)
+
+
+def query_job(exp_dir: str | Path) -> int:
+    """Print each host's state once, with progress from the metrics file."""
+    record = load_record(exp_dir)
+    with make_launcher(record.settings) as launcher:
+        statuses = launcher.status(record)
+    state = job_state(statuses, record.stop_requested_at is not None)
+    table = Table(title=f"{record.task_type} job {record.run_id}: {state.value}")
+    for column in ("host", "state", "pgid", "processes", "elapsed", "exit"):
+        table.add_column(column)
+    for status, host_record in zip(statuses, record.hosts):
+        elapsed = time.time() - host_record.started_at
+        table.add_row(status.host.name, status.state.value + (f" ({status.error})" if status.error else ""),
+                      str(host_record.pgid), str(len(status.pids)), f"{elapsed:,.0f}s",
+                      "" if status.exit_code is None else str(status.exit_code))
+    console.print(table)
+    console.print(f"progress: {describe(read_metrics(record.info.get('metrics_file')))}")
+    console.print(f"log: {record.hosts[0].log_path}")
+    return 0 if state is not JobState.FAILED else 1
+
+
+def auto_tune(job: JobConfig) -> int:
+    raise FlagScaleError("action=auto_tune is not available yet")
+
+
+def _refuse_if_running(job: JobConfig) -> None:
+    if not record_path(job.exp_dir).is_file():
+        return
+    try:
+        previous = load_record(job.exp_dir)
+    except JobRecordError:
+        return
+    with make_launcher(previous.settings) as launcher:
+        state = job_state(launcher.status(previous), previous.stop_requested_at is not None)
+    if state in (JobState.RUNNING, JobState.UNKNOWN):
+        raise FlagScaleError(
+            f"job {previous.run_id} in {job.exp_dir} is {state.value}; stop it first "
+            f"(python run.py {_config_args(job)} action=stop) or use another experiment.exp_dir"
+        )
+
+
+def _record_base(job: JobConfig, plan: Plan) -> dict:
+    return {
+        "run_id": plan.run_id, "task_type": plan.task_type, "exp_name": job.experiment.exp_name,
+        "exp_dir": plan.exp_dir, "log_dir": plan.log_dir, "created_at": time.time(),
+        "settings": launcher_settings(job), "master_addr": plan.master_addr, "master_port": plan.master_port,
+        "after_stop": plan.after_stop, "info": plan.info,
+    }
+
+
+def _save_config(job: JobConfig, plan: Plan) -> None:
+    Path(plan.log_dir).mkdir(parents=True, exist_ok=True)
+    (Path(plan.log_dir) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(job.raw)))
+
+
+def _config_args(job: JobConfig) -> str:
+    source = job.source
+    if source.config_dir is None:
+        return f"experiment.exp_dir={shlex.quote(str(job.exp_dir))}"
+    overrides = [o for o in source.overrides if not o.startswith("action=")]
+    return shlex.join(["--config-path", str(source.config_dir), "--config-name", source.config_name or "",
+                       *overrides])
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(log not readable here)"
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "flagscale"
+
+
+def remember_last_job(exp_dir: str) -> None:
+    state_dir().mkdir(parents=True, exist_ok=True)
+    (state_dir() / "last_job").write_text(exp_dir + "\n")

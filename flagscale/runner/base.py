@@ -1,0 +1,93 @@
+"""The task-runner interface: a runner only plans. It turns a validated config into a Plan;
+it never starts a process or opens a connection itself."""
+
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flagscale.config.envs import layered_env
+from flagscale.config.hostfile import Host
+from flagscale.config.loader import JobConfig
+from flagscale.exceptions import ConfigError
+from flagscale.runner.plan import Plan
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(slots=True, kw_only=True)
+class PlanContext:
+    """Everything a runner may use to plan; run-time facts (run id, port) are filled in by the action."""
+
+    job: JobConfig
+    hosts: list[Host]
+    run_id: str
+    master_port: int | None
+    notes: list[str] = field(default_factory=list)
+    """Warnings found while validating (shown by dryrun and run)."""
+
+    @property
+    def exp_dir(self) -> Path:
+        return self.job.exp_dir
+
+    @property
+    def log_dir(self) -> Path:
+        return self.exp_dir / "logs" / self.run_id
+
+    @property
+    def master_addr(self) -> str:
+        runner = self.job.experiment.runner
+        return runner.master_addr or self.hosts[0].name
+
+    def host_env(self, host: Host) -> dict[str, str]:
+        return layered_env(self.job.experiment.envs, host.type, host.name)
+
+    def nproc(self, host: Host) -> int:
+        """Processes on a host: runner setting (per type if given), capped by slots and visible devices."""
+        runner = self.job.experiment.runner
+        per_type = runner.device_type_specific.get(host.type or "", {}) if host.type else {}
+        wanted = int(per_type.get("nproc_per_node") or runner.nproc_per_node or host.slots or 1)
+        caps = [wanted]
+        if host.slots:
+            caps.append(host.slots)
+        visible = _visible_devices(self.host_env(host))
+        if visible is not None:
+            caps.append(visible)
+        return min(caps)
+
+
+def _visible_devices(env: dict[str, str]) -> int | None:
+    for name in ("CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"):
+        value = env.get(name, os.environ.get(name))
+        if value is not None:
+            return len([d for d in re.split(r"[,\s]+", value) if d])
+    return None
+
+
+class TaskRunner(ABC):
+    """Plans one task type. Subclasses differ only in what they plan."""
+
+    task_type: str
+
+    def validate(self, ctx: PlanContext) -> None:
+        """Raise ConfigError for anything that would fail after launch (default: nothing)."""
+
+    @abstractmethod
+    def plan(self, ctx: PlanContext) -> Plan: ...
+
+    def info(self, ctx: PlanContext) -> dict[str, Any]:
+        """Facts kept in the job record for query/progress (e.g. train_iters, metrics file)."""
+        return {}
+
+
+def runner_for(task_type: str) -> TaskRunner:
+    from flagscale.runner.train import TrainRunner
+
+    runners: dict[str, type[TaskRunner]] = {"train": TrainRunner}
+    if task_type not in runners:
+        raise ConfigError(f"task type '{task_type}' is not supported yet (supported: {', '.join(runners)})")
+    return runners[task_type]()

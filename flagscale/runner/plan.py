@@ -1,0 +1,79 @@
+"""A Plan is everything a runner decides: which process runs on which host, with which
+argv, env, cwd and log. Rendering a plan gives one readable bash script per host; dryrun
+writes exactly the scripts that run would start."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flagscale.config.hostfile import Host
+
+
+@dataclass(slots=True, kw_only=True)
+class ProcessSpec:
+    """One host's part of a job: a command started in its own session."""
+
+    host: Host
+    node_rank: int
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str
+    log_path: str
+    before_start: list[str] = field(default_factory=list)
+
+    @property
+    def exit_file(self) -> str:
+        return str(Path(self.log_path).with_suffix(".exit"))
+
+
+@dataclass(slots=True, kw_only=True)
+class Plan:
+    """What an action runs: processes plus the facts stop/query/progress need later."""
+
+    task_type: str
+    exp_dir: str
+    run_id: str
+    log_dir: str
+    processes: list[ProcessSpec]
+    after_stop: list[str] = field(default_factory=list)
+    master_addr: str = "localhost"
+    master_port: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def scripts_dir(self) -> str:
+        return str(Path(self.exp_dir) / "logs" / "scripts")
+
+    def script_path(self, spec: ProcessSpec) -> str:
+        return str(Path(self.scripts_dir) / f"{spec.host.slug}.sh")
+
+
+def render_script(plan: Plan, spec: ProcessSpec) -> str:
+    """The bash script one host runs; every value is shell-quoted."""
+    q = shlex.quote
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# FlagScale {plan.task_type} job {plan.run_id}: host {spec.host.name} (node rank {spec.node_rank})",
+        "set -e",
+        f"exit_file={q(spec.exit_file)}",
+        f"mkdir -p {q(str(Path(spec.log_path).parent))}",
+        f"cd {q(spec.cwd)}",
+    ]
+    lines += [f"export {name}={q(value)}" for name, value in spec.env.items()]
+    if spec.before_start:
+        lines.append("# experiment.cmds.before_start (a failure ends the script with its status)")
+        lines.append("trap 'echo \"$?\" > \"$exit_file\"' ERR")
+        lines += spec.before_start
+        lines.append("trap - ERR")
+    lines += [
+        "set +e",
+        shlex.join(spec.argv),
+        "status=$?",
+        'echo "$status" > "$exit_file"',
+        'exit "$status"',
+    ]
+    return "\n".join(lines) + "\n"
