@@ -190,6 +190,19 @@ def query_job(exp_dir: str | Path) -> int:
     return 0 if state is not JobState.FAILED else 1
 
 
+def watch_job(exp_dir: str | Path) -> int:
+    """Live progress of a recorded job until it ends (Ctrl-C leaves it running)."""
+    record = load_record(exp_dir)
+    with make_launcher(record.settings) as launcher:
+        try:
+            state = follow_progress(console, record.info.get("metrics_file"),
+                                    lambda: job_state(launcher.status(record), record.stop_requested_at is not None))
+        except KeyboardInterrupt:
+            return 0
+    console.print(f"job {record.run_id}: {state.value}; {describe(read_metrics(record.info.get('metrics_file')))}")
+    return 0 if state is JobState.COMPLETED else 1
+
+
 def auto_tune(job: JobConfig) -> int:
     raise FlagScaleError("action=auto_tune is not available yet")
 

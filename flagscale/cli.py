@@ -1,0 +1,157 @@
+"""The `flagscale` command: the same actions as run.py, found by model name.
+
+    flagscale train tiny_gpt                  # examples/tiny_gpt/conf/train.yaml, detached
+    flagscale train tiny_gpt --foreground     # like action=test: live progress, job's exit code
+    flagscale train tiny_gpt train.model.train_iters=50 --dryrun
+    flagscale status [EXP_DIR|MODEL] [--watch]
+    flagscale logs [EXP_DIR|MODEL] [-f]
+    flagscale stop [EXP_DIR|MODEL]
+Without EXP_DIR|MODEL, status/logs/stop act on the last job launched from this account.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from flagscale.config.loader import load_job_config
+from flagscale.exceptions import FlagScaleError, JobRecordError
+from flagscale.main import compose_config, run_job
+from flagscale.record import load_record, record_path
+from flagscale.runner.base import REPO_ROOT
+
+
+def examples_dir() -> Path:
+    return Path(os.environ.get("FLAGSCALE_EXAMPLES", REPO_ROOT / "examples"))
+
+
+def resolve_config(model: str, yaml_name: str | None, default: str) -> tuple[Path, str]:
+    """`model [yaml]` -> (config dir, config name); a yaml path is taken as it is."""
+    if yaml_name and (yaml_name.endswith((".yaml", ".yml")) or os.sep in yaml_name):
+        path = Path(yaml_name).expanduser().resolve()
+        return path.parent, path.stem
+    conf = examples_dir() / model / "conf"
+    if not conf.is_dir():
+        known = sorted(p.name for p in examples_dir().iterdir() if (p / "conf").is_dir())
+        raise FlagScaleError(f"no example '{model}' (looked in {conf}); known: {', '.join(known)}")
+    return conf, yaml_name or default
+
+
+def _split(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """The optional YAML name and the Hydra overrides (anything with '=')."""
+    yaml_name = next((a for a in args if "=" not in a), None)
+    overrides = [a for a in args if "=" in a]
+    extra = [a for a in args if "=" not in a and a != yaml_name]
+    if extra:
+        raise FlagScaleError(f"unexpected argument(s) {' '.join(extra)}; overrides look like key=value")
+    return yaml_name, overrides
+
+
+def _launch(task: str, model: str, args: tuple[str, ...], action: str) -> int:
+    yaml_name, overrides = _split(args)
+    config_dir, name = resolve_config(model, yaml_name, task)
+    cfg, source = compose_config(config_dir, name, [*overrides, f"action={action}"])
+    return run_job(cfg, source)
+
+
+def _target_exp_dir(target: str | None) -> Path:
+    """An exp dir, a model name (its default train config's exp_dir), or the last job."""
+    if target is None:
+        from flagscale.runner.actions import state_dir
+
+        last = state_dir() / "last_job"
+        if not last.is_file():
+            raise JobRecordError("no job launched yet from this account; give an experiment dir")
+        return Path(last.read_text().strip())
+    if record_path(target).is_file() or Path(target).is_dir():
+        return Path(target)
+    config_dir, name = resolve_config(target, None, "train")
+    cfg, source = compose_config(config_dir, name, [])
+    return load_job_config(cfg, source).exp_dir
+
+
+def _guard(work) -> None:
+    try:
+        code = work()
+    except FlagScaleError as err:
+        click.echo(f"error: {err}", err=True)
+        code = 2
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """FlagScale: train, serve and tune large models from YAML."""
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("model")
+@click.argument("args", nargs=-1)
+@click.option("--foreground", "-F", is_flag=True, help="Run in the foreground with live progress (action=test).")
+@click.option("--dryrun", is_flag=True, help="Write the scripts and print the commands; start nothing.")
+def train(model: str, args: tuple[str, ...], foreground: bool, dryrun: bool) -> None:
+    """Train MODEL with examples/MODEL/conf/train.yaml (or [YAML]); extra args are Hydra overrides."""
+    action = "dryrun" if dryrun else "test" if foreground else "run"
+    _guard(lambda: _launch("train", model, args, action))
+
+
+@main.command()
+@click.argument("target", required=False)
+def stop(target: str | None) -> None:
+    """Stop a job (TERM, wait, KILL its recorded process groups on every host)."""
+    from flagscale.runner.actions import stop_job
+
+    _guard(lambda: stop_job(_target_exp_dir(target)))
+
+
+@main.command()
+@click.argument("target", required=False)
+@click.option("--watch", "-w", is_flag=True, help="Keep showing live progress until the job ends.")
+def status(target: str | None, watch: bool) -> None:
+    """Show a job's state per host, with its last iteration and loss."""
+    from flagscale.runner.actions import query_job, watch_job
+
+    _guard(lambda: watch_job(_target_exp_dir(target)) if watch else query_job(_target_exp_dir(target)))
+
+
+@main.command()
+@click.argument("target", required=False)
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines (all hosts, prefixed by host).")
+@click.option("--lines", "-n", default=50, show_default=True, help="Lines of each host's log to show first.")
+def logs(target: str | None, follow: bool, lines: int) -> None:
+    """Print each host's log of a job (read on the host itself, shared file system or not)."""
+    _guard(lambda: show_logs(_target_exp_dir(target), follow, lines))
+
+
+def show_logs(exp_dir: Path, follow: bool, lines: int) -> int:
+    from flagscale.runner.actions import make_launcher
+
+    record = load_record(exp_dir)
+    launcher = make_launcher(record.settings)
+    argv = ["tail", "-n", str(lines), *(["-F"] if follow else [])]
+    prefix = len(record.hosts) > 1
+
+    def pump(host_record) -> None:
+        for line in launcher.transport(host_record.host).stream([*argv, host_record.log_path]):
+            click.echo(f"[{host_record.host.name}] {line.rstrip()}" if prefix else line.rstrip())
+
+    threads = [threading.Thread(target=pump, args=(h,), daemon=True) for h in record.hosts]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        launcher.close()
+    return 0
+
+
+if __name__ == "__main__":
+    main()

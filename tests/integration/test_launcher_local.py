@@ -1,0 +1,102 @@
+"""The launcher on this machine: start in a new session, status, stop of the whole tree
+(including children that moved to sessions of their own, as torchrun's workers do)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flagscale.config.hostfile import LOCALHOST
+from flagscale.exceptions import LaunchError
+from flagscale.launcher.launcher import Launcher, job_state
+from flagscale.launcher.transport import SSHSettings
+from flagscale.record import JobState, load_record
+from flagscale.runner.plan import Plan, ProcessSpec
+
+pytestmark = pytest.mark.integration
+
+# A parent that starts a child in a session of its own (like torchrun), then both sleep.
+SPAWNER = (
+    "import subprocess, sys, time\n"
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"
+    "open(sys.argv[1], 'w').write(str(child.pid))\n"
+    "time.sleep(300)\n"
+)
+
+
+def _plan(tmp_path: Path, argv: list[str]) -> Plan:
+    log_dir = tmp_path / "logs" / "run1"
+    spec = ProcessSpec(host=LOCALHOST, node_rank=0, argv=argv, cwd=str(tmp_path),
+                       log_path=str(log_dir / "localhost.log"), env={"GREETING": "it's $(not run)"})
+    return Plan(task_type="train", exp_dir=str(tmp_path), run_id="run1", log_dir=str(log_dir), processes=[spec])
+
+
+def _record_base(plan: Plan) -> dict:
+    return {"run_id": plan.run_id, "task_type": "train", "exp_name": "t", "exp_dir": plan.exp_dir,
+            "log_dir": plan.log_dir, "created_at": time.time(),
+            "settings": {}, "master_addr": "localhost", "master_port": None}
+
+
+def _launcher() -> Launcher:
+    return Launcher(ssh=SSHSettings(), python=sys.executable)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_stop_ends_children_in_their_own_sessions(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    plan = _plan(tmp_path, [sys.executable, "-c", SPAWNER, str(pid_file)])
+    with _launcher() as launcher:
+        record = launcher.launch(plan, _record_base(plan))
+        record.save()
+        for _ in range(100):
+            if pid_file.exists() and pid_file.read_text():
+                break
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        assert os.getpgid(child) != record.hosts[0].pgid  # really in another group
+        statuses = launcher.status(record)
+        assert job_state(statuses, False) is JobState.RUNNING
+        assert child in statuses[0].pids
+        results = launcher.stop(load_record(tmp_path), timeout=5)
+    assert results[0].found >= 3 and not results[0].remaining
+    assert not _alive(child) and not _alive(record.hosts[0].pgid)
+
+
+def test_completed_job_and_literal_env(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, ["bash", "-c", 'sleep 0.7; printf "%s" "$GREETING" > out.txt; exit 0'])
+    with _launcher() as launcher:
+        record = launcher.launch(plan, _record_base(plan))
+        deadline = time.time() + 10
+        while job_state(launcher.status(record), False) is JobState.RUNNING and time.time() < deadline:
+            time.sleep(0.1)
+        assert job_state(launcher.status(record), False) is JobState.COMPLETED
+        assert launcher.stop(record, timeout=1)[0].found == 0  # stop of an ended job is a no-op
+    assert (tmp_path / "out.txt").read_text() == "it's $(not run)"
+
+
+def test_immediate_failure_is_a_launch_error(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, ["bash", "-c", "echo boom >&2; exit 3"])
+    with _launcher() as launcher, pytest.raises(LaunchError, match="status 3") as err:
+        launcher.launch(plan, _record_base(plan))
+    assert "boom" in str(err.value)
+
+
+def test_failed_job_state(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, ["bash", "-c", "sleep 0.8; exit 7"])
+    with _launcher() as launcher:
+        record = launcher.launch(plan, _record_base(plan))
+        time.sleep(1.5)
+        statuses = launcher.status(record)
+    assert job_state(statuses, False) is JobState.FAILED
+    assert statuses[0].exit_code == 7

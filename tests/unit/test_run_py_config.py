@@ -1,0 +1,78 @@
+"""run.py composition, overrides and validation: one clear line, non-zero exit, nothing started."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_py
+
+TINY = ("--config-path", "examples/tiny_gpt/conf", "--config-name", "train")
+
+
+def _err(proc) -> str:
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+def test_unknown_task_key_suggests_and_names_file(tmp_path: Path) -> None:
+    proc = run_py(*TINY, "action=dryrun", f"experiment.exp_dir={tmp_path}", "+train.model.num_layer=3")
+    err = _err(proc)
+    assert "unknown key 'train.model.num_layer'" in err and "did you mean 'num_layers'" in err
+    assert "command-line override" in err
+
+
+def test_unknown_experiment_key_names_yaml_file(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    (conf / "train").mkdir(parents=True)
+    text = Path("examples/tiny_gpt/conf/train.yaml").read_text().replace("nproc_per_node: 2", "nproc_per_nod: 2")
+    (conf / "train.yaml").write_text(text)
+    (conf / "train" / "tiny.yaml").write_text(Path("examples/tiny_gpt/conf/train/tiny.yaml").read_text())
+    err = _err(run_py("--config-path", str(conf), "--config-name", "train", "action=dryrun"))
+    assert "did you mean 'nproc_per_node'" in err and f"{conf}/train.yaml:" in err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["action=launch"], "action=launch is not one of"),
+        (["train.system.tensor_model_parallel_size=3"], "tensor_model_parallel_size"),
+        (["train.model.global_batch_size=10"], "global_batch_size"),
+        (["+experiment.runner.hostfile=/nonexistent/hosts"], "hostfile /nonexistent/hosts does not exist"),
+        (["experiment.runner.nproc_per_node=0"], "nproc_per_node must be a positive integer"),
+    ],
+)
+def test_invalid_settings(tmp_path: Path, overrides: list[str], message: str) -> None:
+    proc = run_py(*TINY, "action=dryrun", f"experiment.exp_dir={tmp_path}", *overrides)
+    assert message in _err(proc)
+    assert not (tmp_path / "job.json").exists()
+
+
+def test_dryrun_writes_script_with_literal_values(tmp_path: Path) -> None:
+    evil = "$(touch /tmp/flagscale_pwned) a'b `id`"
+    proc = run_py(*TINY, "action=dryrun", f"experiment.exp_dir={tmp_path}", "train.model.num_layers=2",
+                  f'+experiment.envs.EVIL="{evil}"')
+    assert proc.returncode == 0, proc.stderr
+    assert "torchrun --nnodes 1 --nproc-per-node 2" in proc.stdout
+    script = (tmp_path / "logs" / "scripts" / "localhost.sh").read_text()
+    assert "--num-layers 2" in script
+    assert "export EVIL='$(touch /tmp/flagscale_pwned) a'\"'\"'b `id`'" in script
+    assert not (tmp_path / "job.json").exists()
+    assert not Path("/tmp/flagscale_pwned").exists()
+
+
+def test_aquila_composes_and_dryruns(tmp_path: Path) -> None:
+    proc = run_py("--config-path", "examples/aquila/conf", "--config-name", "train", "action=dryrun",
+                  f"experiment.exp_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.replace("\n", " ")
+    for expected in ("--nproc-per-node 8", "--node-rank 1", "--master-addr node1", "--bf16",
+                     "--use-distributed-optimizer", "--tensor-model-parallel-size 2", "--num-layers 32"):
+        assert expected in out
+    scripts = sorted(p.name for p in (tmp_path / "logs" / "scripts").iterdir())
+    assert scripts == ["node1.sh", "node2.sh"]
+    node2 = (tmp_path / "logs" / "scripts" / "node2.sh").read_text()
+    assert "export NCCL_DEBUG=INFO" in node2 and "export NCCL_SOCKET_IFNAME=eth0" in node2
+    assert "source /opt/flagscale/.venv/bin/activate" in node2
