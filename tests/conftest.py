@@ -30,3 +30,43 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, str(REPO / "examples/tiny_gpt/prepare_data.py"), "--output-dir", str(out)],
                    check=True, capture_output=True, timeout=300)
     return out
+
+
+TINY_CONF = ("--config-path", str(REPO / "examples/tiny_gpt/conf"), "--config-name", "train")
+
+
+def tiny_overrides(data: Path, exp_dir: Path, **model: object) -> list[str]:
+    """Overrides that point the tiny_gpt example at `data` and `exp_dir`, plus train.model.* values."""
+    return [
+        f"experiment.exp_dir={exp_dir}",
+        f"train.data.data_path=[0.7,{data}/stories_text_document,0.3,{data}/facts_text_document]",
+        f"train.data.tokenizer.tokenizer_model={data}/tokenizer",
+        *[f"train.model.{k}={v}" for k, v in model.items()],
+    ]
+
+
+def pids_alive(pids: list[int]) -> list[int]:
+    """Which of `pids` still run (zombies count as gone)."""
+    alive = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(pid)
+        except OSError:
+            pass
+    return alive
+
+
+def group_members(pgids: list[int]) -> list[int]:
+    """Live processes whose process group or session is one of `pgids`."""
+    members = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                fields = open(f"/proc/{name}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and (int(fields[3]) in pgids or int(fields[4]) in pgids):
+                members.append(int(name))
+    return members

@@ -35,7 +35,7 @@ class TaskSpec:
 @dataclass(slots=True, kw_only=True)
 class RunnerConfig:
     backend: str = "torchrun"
-    """How processes start on each host."""
+    """How processes start on each host: torchrun, or direct (the entrypoint once per host, no torchrun)."""
     nnodes: int | None = None
     """How many hosts of the hostfile to use (default: all of them)."""
     nproc_per_node: int | None = None
@@ -68,6 +68,8 @@ class RunnerConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"experiment.runner.{name} must be a positive integer, got {value!r}")
+        if self.backend not in ("torchrun", "direct"):
+            raise ConfigError(f"experiment.runner.backend must be 'torchrun' or 'direct', got '{self.backend}'")
         if self.rdzv_backend not in ("static", "c10d"):
             raise ConfigError("experiment.runner.rdzv_backend must be 'static' or 'c10d'")
 

@@ -22,7 +22,7 @@ from flagscale.runner.base import PlanContext, TaskRunner, runner_for
 from flagscale.runner.metrics import describe, follow_progress, read_metrics
 from flagscale.runner.plan import Plan, render_script
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 def dispatch(job: JobConfig) -> int:
@@ -181,10 +181,12 @@ def query_job(exp_dir: str | Path) -> int:
         table.add_column(column)
     for status, host_record in zip(statuses, record.hosts):
         elapsed = time.time() - host_record.started_at
-        table.add_row(status.host.name, status.state.value + (f" ({status.error})" if status.error else ""),
-                      str(host_record.pgid), str(len(status.pids)), f"{elapsed:,.0f}s",
+        table.add_row(status.host.name, status.state.value, str(host_record.pgid), str(len(status.pids)), f"{elapsed:,.0f}s",
                       "" if status.exit_code is None else str(status.exit_code))
     console.print(table)
+    for status in statuses:
+        if status.error:
+            console.print(f"host {status.host.name}: {status.error}")
     console.print(f"progress: {describe(read_metrics(record.info.get('metrics_file')))}")
     console.print(f"log: {record.hosts[0].log_path}")
     return 0 if state is not JobState.FAILED else 1

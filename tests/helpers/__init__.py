@@ -1,0 +1,1 @@
+"""Test helpers that start real services (sshd) for integration tests."""

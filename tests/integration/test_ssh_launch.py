@@ -1,0 +1,124 @@
+"""Multi-host launches over real SSH: each host is an OpenSSH server on its own loopback address.
+The per-host program is the light sleeper (runner.backend=direct), so these tests exercise the
+launcher, not the engine; test_train_ssh.py runs real Megatron-Core training the same way."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_CONF, group_members, pids_alive, run_py, tiny_overrides
+from tests.helpers.sshd import SSHCluster, free_port, sshd_available
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not sshd_available(), reason="needs root and openssh-server (apt-get install openssh-server)"),
+]
+
+SLEEPER = Path(__file__).resolve().parents[1] / "helpers" / "sleeper.py"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    cluster = SSHCluster(tmp_path_factory.mktemp("ssh"))
+    cluster.start("127.0.0.2")
+    cluster.start("127.0.0.3")
+    yield cluster
+    cluster.stop_all()
+
+
+def _light(cluster: SSHCluster, tiny_data: Path, exp: Path, hostfile: Path, *extra: str):
+    """run.py with the light per-host command, over SSH to the hosts of `hostfile`."""
+    return run_py(
+        *TINY_CONF, *tiny_overrides(tiny_data, exp), f"+experiment.runner.hostfile={hostfile}",
+        "experiment.runner.nnodes=null", "experiment.runner.nproc_per_node=1", "experiment.runner.backend=direct",
+        f"experiment.task.entrypoint={SLEEPER}", f"+experiment.envs.SLEEPER_DIR={exp / 'sleepers'}", *extra,
+        env=cluster.env, timeout=120,
+    )
+
+
+def _sleepers(exp: Path, count: int, timeout: float = 15) -> list[dict]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = [json.loads(p.read_text()) for p in (exp / "sleepers").glob("*.json")] if (exp / "sleepers").exists() else []
+        if len(found) >= count:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"expected {count} sleepers in {exp}, found {len(found)}")
+
+
+def _record(exp: Path) -> dict:
+    return json.loads((exp / "job.json").read_text())
+
+
+def test_launch_query_stop_two_hosts(cluster: SSHCluster, tiny_data: Path, tmp_path: Path) -> None:
+    hostfile = cluster.hostfile(tmp_path / "hostfile.txt")
+    evil = "$(touch /tmp/flagscale_ssh_pwned) a'b `id` \"q\""
+    proc = _light(cluster, tiny_data, tmp_path, hostfile, f"+train.system.wandb_exp_name='{_escape(evil)}'")
+    assert proc.returncode == 0, proc.stderr
+    sleepers = _sleepers(tmp_path, 2)
+    for sleeper in sleepers:  # the value reached each remote process literally
+        assert sleeper["argv"][sleeper["argv"].index("--wandb-exp-name") + 1] == evil
+    assert not Path("/tmp/flagscale_ssh_pwned").exists()
+    record = _record(tmp_path)
+    assert [h["host"]["name"] for h in record["hosts"]] == ["127.0.0.2", "127.0.0.3"]
+
+    query = run_py(*TINY_CONF, f"experiment.exp_dir={tmp_path}", "action=query", env=cluster.env)
+    assert query.stdout.count("RUNNING") >= 3, query.stdout  # title + two hosts
+
+    stop = run_py(*TINY_CONF, f"experiment.exp_dir={tmp_path}", "action=stop", env=cluster.env)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert not pids_alive([s["pid"] for s in sleepers])
+    assert not group_members([h["pgid"] for h in record["hosts"]])
+    again = run_py(*TINY_CONF, f"experiment.exp_dir={tmp_path}", "action=stop", env=cluster.env)
+    assert again.returncode == 0 and "already stopped" in again.stdout
+
+
+def test_unreachable_host_fails_launch_and_leaves_nothing(cluster: SSHCluster, tiny_data: Path,
+                                                          tmp_path: Path) -> None:
+    dead_port = free_port("127.0.0.4")
+    hostfile = tmp_path / "hostfile.txt"
+    hostfile.write_text(f"127.0.0.2 slots=1 port={cluster.servers[0].port}\n127.0.0.4 slots=1 port={dead_port}\n")
+    proc = _light(cluster, tiny_data, tmp_path, hostfile)
+    assert proc.returncode != 0
+    assert "127.0.0.4" in proc.stderr and "cannot connect" in proc.stderr and "Traceback" not in proc.stderr
+    time.sleep(0.5)
+    started = [json.loads(p.read_text())["pid"] for p in (tmp_path / "sleepers").glob("*.json")] \
+        if (tmp_path / "sleepers").exists() else []
+    assert not pids_alive(started)
+    assert not (tmp_path / "job.json").exists()
+
+
+def test_before_start_failure_names_host(cluster: SSHCluster, tiny_data: Path, tmp_path: Path) -> None:
+    hostfile = cluster.hostfile(tmp_path / "hostfile.txt")
+    proc = _light(cluster, tiny_data, tmp_path, hostfile, "+experiment.cmds.before_start='exit 42'")
+    assert proc.returncode != 0
+    assert "127.0.0.2" in proc.stderr and "status 42" in proc.stderr
+
+
+def test_host_dies_mid_job_then_stop_cleans_rest(cluster: SSHCluster, tiny_data: Path, tmp_path: Path) -> None:
+    extra = cluster.start("127.0.0.5")
+    hostfile = cluster.hostfile(tmp_path / "hostfile.txt", servers=[cluster.servers[0], extra])
+    assert _light(cluster, tiny_data, tmp_path, hostfile).returncode == 0
+    sleepers = _sleepers(tmp_path, 2)
+    record = _record(tmp_path)
+    extra.stop()  # the host becomes unreachable
+    query = run_py(*TINY_CONF, f"experiment.exp_dir={tmp_path}", "action=query", env=cluster.env)
+    assert "UNKNOWN" in query.stdout and "cannot connect" in query.stdout.replace("\n", " ")
+    stop = run_py(*TINY_CONF, f"experiment.exp_dir={tmp_path}", "action=stop", env=cluster.env)
+    assert stop.returncode != 0 and "127.0.0.5" in stop.stdout
+    first = next(h for h in record["hosts"] if h["host"]["name"] == "127.0.0.2")
+    assert not group_members([first["pgid"]])  # the reachable host was stopped
+    cluster.start("127.0.0.5", extra.port)  # the host comes back: stop retries only what remains
+    retry = run_py(*TINY_CONF, f"experiment.exp_dir={tmp_path}", "action=stop", env=cluster.env)
+    assert retry.returncode == 0, retry.stdout
+    assert "127.0.0.2" not in retry.stdout and "127.0.0.5" in retry.stdout
+    assert not pids_alive([s["pid"] for s in sleepers])
+
+
+def _escape(value: str) -> str:
+    """Quote a value for Hydra's override grammar (single-quoted, backslash escapes)."""
+    return value.replace("\\", "\\\\").replace("'", "\\'")
