@@ -181,8 +181,8 @@ def query_job(exp_dir: str | Path) -> int:
         table.add_column(column)
     for status, host_record in zip(statuses, record.hosts):
         elapsed = time.time() - host_record.started_at
-        table.add_row(status.host.name, status.state.value, str(host_record.pgid), str(len(status.pids)), f"{elapsed:,.0f}s",
-                      "" if status.exit_code is None else str(status.exit_code))
+        table.add_row(status.host.name, status.state.value, str(host_record.pgid), str(len(status.pids)),
+                      f"{elapsed:,.0f}s", "" if status.exit_code is None else str(status.exit_code))
     console.print(table)
     for status in statuses:
         if status.error:

@@ -67,7 +67,7 @@ class SSHCluster:
             "StrictModes no\nUsePAM no\nSubsystem sftp internal-sftp\nMaxStartups 100:30:200\nMaxSessions 100\n"
             "LogLevel ERROR\n"
         )
-        log = open(self.etc / f"sshd_{addr}_{port}.log", "wb")  # noqa: SIM115 - kept open for the server's life
+        log = open(self.etc / f"sshd_{addr}_{port}.log", "wb")
         proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         server = SSHServer(addr, port, proc)

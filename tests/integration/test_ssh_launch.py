@@ -42,8 +42,9 @@ def _light(cluster: SSHCluster, tiny_data: Path, exp: Path, hostfile: Path, *ext
 
 def _sleepers(exp: Path, count: int, timeout: float = 15) -> list[dict]:
     deadline = time.time() + timeout
+    (exp / "sleepers").mkdir(parents=True, exist_ok=True)
     while time.time() < deadline:
-        found = [json.loads(p.read_text()) for p in (exp / "sleepers").glob("*.json")] if (exp / "sleepers").exists() else []
+        found = [json.loads(p.read_text()) for p in (exp / "sleepers").glob("*.json")]
         if len(found) >= count:
             return found
         time.sleep(0.1)

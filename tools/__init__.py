@@ -1,0 +1,1 @@
+"""Developer tools that live next to the flagscale package (patching, checkpoints, datasets)."""
