@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -14,13 +15,13 @@ from rich.console import Console
 from rich.table import Table
 
 from flagscale.config.loader import JobConfig, select_hosts
-from flagscale.exceptions import FlagScaleError, JobRecordError
+from flagscale.exceptions import FlagScaleError, JobRecordError, LaunchError
 from flagscale.launcher.launcher import Launcher, job_state
 from flagscale.launcher.transport import SSHSettings
 from flagscale.record import JobRecord, JobState, load_record, record_path
 from flagscale.runner.base import PlanContext, TaskRunner, runner_for
 from flagscale.runner.metrics import describe, follow_progress, read_metrics
-from flagscale.runner.plan import Plan, render_script
+from flagscale.runner.plan import Plan, ReadyCheck, render_script
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -105,9 +106,38 @@ def launch(job: JobConfig) -> JobRecord:
             console.print(f"note: {note}")
         _save_config(job, plan)
         record = launcher.launch(plan, _record_base(job, plan))
-    record.save()
-    remember_last_job(record.exp_dir)
+        record.save()
+        remember_last_job(record.exp_dir)
+        if plan.ready is not None:
+            _wait_ready(launcher, record, plan.ready)
     return record
+
+
+def _wait_ready(launcher: Launcher, record: JobRecord, ready: ReadyCheck) -> None:
+    """Wait until every ready URL answers; if the job dies or the time runs out, stop it and explain."""
+    deadline = time.time() + ready.timeout_s
+    with console.status(f"waiting for {', '.join(ready.urls)}") as spinner:
+        while True:
+            pending = [url for url in ready.urls if not _answers(url)]
+            if not pending:
+                return
+            state = job_state(launcher.status(record), False)
+            if state.is_terminal() or time.time() > deadline:
+                launcher.stop(record, record.settings["stop_timeout"])
+                record.save()
+                why = f"the job is {state.value}" if state.is_terminal() else f"not ready after {ready.timeout_s:.0f}s"
+                raise LaunchError(f"{why}: {pending[0]} does not answer; stopped the job. Last lines of "
+                                  f"{record.hosts[0].log_path}:\n{_tail(record.hosts[0].log_path)}")
+            spinner.update(f"waiting for {pending[0]} ({time.time() - record.created_at:.0f}s)")
+            time.sleep(1.0)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
 
 
 def test(job: JobConfig) -> int:

@@ -3,6 +3,7 @@ it never starts a process or opens a connection itself."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from abc import ABC, abstractmethod
@@ -84,10 +85,22 @@ class TaskRunner(ABC):
         return {}
 
 
-def runner_for(task_type: str) -> TaskRunner:
-    from flagscale.runner.train import TrainRunner
+RUNNERS = {
+    "train": "flagscale.runner.train:TrainRunner",
+    "serve": "flagscale.runner.serve:ServeRunner",
+    "inference": "flagscale.runner.inference:InferenceRunner",
+}
 
-    runners: dict[str, type[TaskRunner]] = {"train": TrainRunner}
-    if task_type not in runners:
-        raise ConfigError(f"task type '{task_type}' is not supported yet (supported: {', '.join(runners)})")
-    return runners[task_type]()
+
+def runner_for(task_type: str) -> TaskRunner:
+    """The runner of a task type (imported on demand: a train-only install needs no vLLM)."""
+    if task_type not in RUNNERS:
+        raise ConfigError(f"task type '{task_type}' is not supported (supported: {', '.join(RUNNERS)})")
+    module_name, _, class_name = RUNNERS[task_type].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        raise ConfigError(f"task type '{task_type}' is not available in this version of FlagScale") from None
+    return getattr(module, class_name)()

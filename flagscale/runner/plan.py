@@ -29,6 +29,14 @@ class ProcessSpec:
         return str(Path(self.log_path).with_suffix(".exit"))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReadyCheck:
+    """A job that serves is 'started' only once these URLs answer 200 (polled from this machine)."""
+
+    urls: tuple[str, ...]
+    timeout_s: float = 300.0
+
+
 @dataclass(slots=True, kw_only=True)
 class Plan:
     """What an action runs: processes plus the facts stop/query/progress need later."""
@@ -43,6 +51,7 @@ class Plan:
     master_port: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    ready: ReadyCheck | None = None
 
     @property
     def scripts_dir(self) -> str:
