@@ -88,6 +88,8 @@ def run(job: JobConfig) -> int:
                   f"{len(record.hosts)} host(s)")
     console.print(f"  experiment dir: {record.exp_dir}")
     console.print(f"  log: {first.log_path}")
+    for name, url in record.info.get("urls", {}).items():
+        console.print(f"  serving {name}: {url}")
     config_arg = _config_args(job)
     console.print(f"  follow: tail -f {shlex.quote(first.log_path)}   (or: flagscale logs -f {record.exp_dir})")
     console.print(f"  query:  python run.py {config_arg} action=query")
@@ -100,10 +102,11 @@ def launch(job: JobConfig) -> JobRecord:
     runner, ctx = prepare(job)
     _refuse_if_running(job)
     with make_launcher(launcher_settings(job)) as launcher:
-        ctx.master_port = launcher.free_port(ctx.hosts[0], ctx.master_port)
+        ctx.master_port = launcher.connect_all(ctx.hosts, ctx.hosts[0], ctx.master_port)
         plan = runner.plan(ctx)
         for note in plan.notes:
             console.print(f"note: {note}")
+        _check_ports(launcher, plan)
         _save_config(job, plan)
         record = launcher.launch(plan, _record_base(job, plan))
         record.save()
@@ -111,6 +114,14 @@ def launch(job: JobConfig) -> JobRecord:
         if plan.ready is not None:
             _wait_ready(launcher, record, plan.ready)
     return record
+
+
+def _check_ports(launcher: Launcher, plan: Plan) -> None:
+    """Every port the plan listens on must be free on its host (hostctl `port`), before anything starts."""
+    for check in plan.ports_to_check:
+        answer = launcher.hostctl(check.host, "port", str(check.port))
+        if "error" in answer:
+            raise LaunchError(f"host {check.host.name}: {answer['error']}; nothing was started. {check.fix}")
 
 
 def _wait_ready(launcher: Launcher, record: JobRecord, ready: ReadyCheck) -> None:
@@ -161,9 +172,8 @@ def _finish(record: JobRecord, state: JobState, statuses: list) -> int:
     console.print(f"job {record.run_id}: {state.value}; {describe(read_metrics(record.info.get('metrics_file')))}")
     if state is JobState.COMPLETED:
         return 0
-    for status in statuses:
+    for status, host_record in zip(statuses, record.hosts):
         if status.state is JobState.FAILED:
-            host_record = next(h for h in record.hosts if h.host == status.host)
             console.print(f"host {status.host.name} failed (exit {status.exit_code}); last lines of "
                           f"{host_record.log_path}:")
             console.print(_tail(host_record.log_path), markup=False)

@@ -23,6 +23,8 @@ class ProcessSpec:
     cwd: str
     log_path: str
     before_start: list[str] = field(default_factory=list)
+    label: str | None = None
+    """Names this process when a host runs more than one (its script is `<host>-<label>.sh`)."""
 
     @property
     def exit_file(self) -> str:
@@ -35,6 +37,16 @@ class ReadyCheck:
 
     urls: tuple[str, ...]
     timeout_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortCheck:
+    """A port the plan listens on: checked free on its host before anything starts."""
+
+    host: Host
+    port: int
+    fix: str
+    """What to change if it is taken (e.g. "set serve[0].engine_args.port to a free port")."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -52,13 +64,15 @@ class Plan:
     info: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     ready: ReadyCheck | None = None
+    ports_to_check: list[PortCheck] = field(default_factory=list)
 
     @property
     def scripts_dir(self) -> str:
         return str(Path(self.exp_dir) / "logs" / "scripts")
 
     def script_path(self, spec: ProcessSpec) -> str:
-        return str(Path(self.scripts_dir) / f"{spec.host.slug}.sh")
+        name = f"{spec.host.slug}-{spec.label}" if spec.label else spec.host.slug
+        return str(Path(self.scripts_dir) / f"{name}.sh")
 
 
 def render_script(plan: Plan, spec: ProcessSpec) -> str:

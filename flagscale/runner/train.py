@@ -94,8 +94,8 @@ class TrainRunner(TaskRunner):
 
     def _torchrun(self, ctx: PlanContext, host: Host, rank: int, nproc: int) -> list[str]:
         runner = ctx.job.experiment.runner
-        if runner.backend == "direct":
-            return [ctx.job.python]
+        if runner.backend == "direct":  # the entrypoint once per host: a Python file, or any executable
+            return [ctx.job.python] if self._entrypoint(ctx).endswith(".py") else []
         argv = _torchrun_command(ctx.job.python) + [
             "--nnodes", str(len(ctx.hosts)),
             "--nproc-per-node", str(nproc),
