@@ -3,10 +3,11 @@
 #
 #   bash install/install-requirements.sh --env train       # launcher + Megatron-Core training
 #   bash install/install-requirements.sh --env inference   # launcher + vLLM serving/offline inference
-#   bash install/install-requirements.sh --env dev         # train + test tools (what CI uses)
-#   bash install/install-requirements.sh --env all         # train + inference + test tools
+#   bash install/install-requirements.sh --env dev         # train + test tools
+#   bash install/install-requirements.sh --env all         # train + inference + test tools (what CI uses)
 #
-# Options: --venv DIR (default: .venv in the repo root), --python PY (default: python3.11).
+# Options: --venv DIR (default: .venv in the repo root), --python PY (default: python3.11),
+#          --system (as root: also apt-get install openssh-server and iproute2, which the multi-host tests use).
 # Idempotent: re-running only installs what is missing. No conda required.
 set -euo pipefail
 
@@ -14,13 +15,15 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 env_name=""
 venv="$repo/.venv"
 python_bin="${PYTHON:-python3.11}"
+with_system=0
 
-usage() { sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --env) env_name="${2:-}"; shift 2 ;;
     --venv) venv="${2:-}"; shift 2 ;;
     --python) python_bin="${2:-}"; shift 2 ;;
+    --system) with_system=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "install-requirements.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -30,6 +33,17 @@ case "$env_name" in
   *) echo "install-requirements.sh: --env must be one of train, inference, dev, all (got '${env_name}')" >&2; exit 2 ;;
 esac
 command -v "$python_bin" >/dev/null || { echo "install-requirements.sh: '$python_bin' not found; install Python 3.11 or pass --python" >&2; exit 2; }
+
+if [ $with_system = 1 ]; then
+  missing=()
+  command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+  command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  if [ ${#missing[@]} -gt 0 ]; then
+    [ "$(id -u)" = 0 ] || { echo "install-requirements.sh: --system needs root (missing: ${missing[*]})" >&2; exit 2; }
+    echo "==> installing system packages: ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+fi
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "==> creating virtual environment $venv"

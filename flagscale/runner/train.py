@@ -105,9 +105,8 @@ class TrainRunner(TaskRunner):
         ]
         if runner.rdzv_backend == "c10d":
             argv[argv.index("--node-rank"):argv.index("--node-rank") + 2] = []
-            argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{ctx.master_addr}:{ctx.master_port or 29500}",
-                     "--rdzv-id", ctx.run_id]
-        return argv + ["--run-id", ctx.run_id, "--log-dir", str(ctx.log_dir / "torchrun" / host.slug),
+            argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{ctx.master_addr}:{ctx.master_port or 29500}"]
+        return argv + ["--rdzv-id", ctx.run_id, "--log-dir", str(ctx.log_dir / "torchrun" / host.slug),
                        "--redirects", "3", "--tee", "3"]
 
 
