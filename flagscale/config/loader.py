@@ -94,6 +94,15 @@ def _with_location(message: str, source: ConfigSource) -> str:
     return f"{message} (in {source.locate(match.group(1) or match.group(2))})"
 
 
+def _resolve_hostfile(path: str, source: ConfigSource) -> Path:
+    """A relative hostfile path is taken from the current directory, else beside the config."""
+    given = Path(path).expanduser()
+    if given.is_absolute() or given.exists() or source.config_dir is None:
+        return given
+    beside = source.config_dir / given
+    return beside if beside.exists() else given
+
+
 def select_hosts(job: JobConfig) -> list[Host]:
     """The hosts the job runs on: the first `nnodes` of the hostfile, or this machine."""
     runner = job.experiment.runner
@@ -101,7 +110,7 @@ def select_hosts(job: JobConfig) -> list[Host]:
         if runner.nnodes not in (None, 1):
             raise ConfigError(f"experiment.runner.nnodes={runner.nnodes} needs a hostfile (experiment.runner.hostfile)")
         return [LOCALHOST]
-    hosts = parse_hostfile(Path(runner.hostfile).expanduser())
+    hosts = parse_hostfile(_resolve_hostfile(runner.hostfile, job.source))
     nnodes = runner.nnodes or len(hosts)
     if nnodes > len(hosts):
         raise ConfigError(

@@ -41,7 +41,7 @@ class RunnerConfig:
     nproc_per_node: int | None = None
     """Processes per host (default: the host's slots, or 1 without a hostfile); capped by slots."""
     hostfile: str | None = None
-    """Hostfile path; without one the job runs on this machine."""
+    """Hostfile path (relative: from the current directory, else beside the config); none: this machine."""
     ssh_port: int | None = None
     """Default SSH port (a host's port= wins; else ~/.ssh/config, else 22)."""
     ssh_strict_host_key_checking: bool = True

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# FlagScale train job RUNID: host localhost (node rank 0)
+set -e
+exit_file=/exp/tiny/logs/RUNID/localhost.exit
+mkdir -p /exp/tiny/logs/RUNID
+cd <REPO>
+export PYTHONUNBUFFERED=1
+export OMP_NUM_THREADS=1
+set +e
+<VENV_BIN>/torchrun --nnodes 1 --nproc-per-node 2 --node-rank 0 --master-addr localhost --master-port 29555 --rdzv-id RUNID --log-dir /exp/tiny/logs/RUNID/torchrun/localhost --redirects 3 --tee 3 <REPO>/flagscale/train/train_gpt.py --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --seed 1234 --log-interval 10 --tensorboard-dir /exp/tiny/tensorboard --save /exp/tiny/checkpoints --load /exp/tiny/checkpoints --save-interval 100 --ckpt-format torch_dist --num-layers 4 --hidden-size 128 --ffn-hidden-size 352 --num-attention-heads 4 --seq-length 128 --max-position-embeddings 128 --position-embedding-type rope --normalization RMSNorm --swiglu --untie-embeddings-and-output-weights --disable-bias-linear --attention-dropout 0.0 --hidden-dropout 0.0 --init-method-std 0.02 --micro-batch-size 4 --global-batch-size 16 --train-iters 300 --eval-interval 50 --eval-iters 4 --lr 0.003 --min-lr 0.0003 --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.01 --clip-grad 1.0 --data-path 0.7 data/tiny_gpt/stories_text_document 0.3 data/tiny_gpt/facts_text_document --split 98,1,1 --tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tiny_gpt/tokenizer --metrics-dir /exp/tiny/logs/RUNID
+status=$?
+echo "$status" > "$exit_file"
+exit "$status"
