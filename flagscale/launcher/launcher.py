@@ -161,6 +161,39 @@ class Launcher:
                 result.error = f"after_stop exited {done.returncode}: {done.stderr.strip()[-300:]}"
         return result
 
+    def read_text(self, record: JobRecord, path: str) -> str | None:
+        """A job file wherever it is: here on a shared file system, else on the first host that has it
+        (last host first: it holds the last pipeline stage, which writes the metrics)."""
+        if self.shared_fs or not record.hosts:
+            return self.transport(record.hosts[0].host).read_text(path) if record.hosts else None
+        for host_record in reversed(record.hosts):
+            try:
+                text = self.transport(host_record.host).read_text(path)
+            except FlagScaleError:
+                continue
+            if text is not None:
+                return text
+        return None
+
+    def collect_logs(self, record: JobRecord) -> list[str]:
+        """Without a shared file system, copy each host's log into this machine's log folder."""
+        if self.shared_fs:
+            return []
+        copied = []
+        for host_record in record.hosts:
+            local = Path(host_record.log_path)
+            if local.exists():
+                continue
+            try:
+                text = self.transport(host_record.host).read_text(host_record.log_path)
+            except FlagScaleError:
+                continue
+            if text is not None:
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_text(text)
+                copied.append(str(local))
+        return copied
+
     def status(self, record: JobRecord) -> list[HostStatus]:
         results = parallel(record.hosts, self._status_one)
         return [

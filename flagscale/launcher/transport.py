@@ -54,6 +54,10 @@ class Transport(ABC):
     def write_file(self, path: str, text: str, mode: int = 0o755) -> None: ...
 
     @abstractmethod
+    def read_text(self, path: str) -> str | None:
+        """The file's text, or None if the host has no such file."""
+
+    @abstractmethod
     def stream(self, argv: list[str]) -> Iterator[str]:
         """Yield the command's output lines as they come (used by `logs -f`)."""
 
@@ -72,6 +76,12 @@ class LocalTransport(Transport):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
         os.chmod(path, mode)
+
+    def read_text(self, path: str) -> str | None:
+        try:
+            return Path(path).read_text(errors="replace")
+        except FileNotFoundError:
+            return None
 
     def stream(self, argv: list[str]) -> Iterator[str]:
         with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL) as proc:
@@ -145,6 +155,16 @@ class SSHTransport(Transport):
             with sftp.open(path, "w") as handle:
                 handle.write(text)
             sftp.chmod(path, mode)
+        finally:
+            sftp.close()
+
+    def read_text(self, path: str) -> str | None:
+        sftp = self.connect().open_sftp()
+        try:
+            with sftp.open(path, "r") as handle:
+                return handle.read().decode(errors="replace")
+        except FileNotFoundError:
+            return None
         finally:
             sftp.close()
 

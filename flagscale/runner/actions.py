@@ -20,7 +20,7 @@ from flagscale.launcher.launcher import Launcher, job_state
 from flagscale.launcher.transport import SSHSettings
 from flagscale.record import JobRecord, JobState, load_record, record_path
 from flagscale.runner.base import PlanContext, TaskRunner, runner_for
-from flagscale.runner.metrics import describe, follow_progress, read_metrics
+from flagscale.runner.metrics import MetricsSummary, describe, follow_progress, read_metrics
 from flagscale.runner.plan import Plan, ReadyCheck, render_script
 
 console = Console(highlight=False, soft_wrap=True)
@@ -157,7 +157,7 @@ def test(job: JobConfig) -> int:
     console.print(f"started {record.run_id}; log: {record.hosts[0].log_path}")
     with make_launcher(record.settings) as launcher:
         try:
-            state = follow_progress(console, record.info.get("metrics_file"),
+            state = follow_progress(console, lambda: _metrics(launcher, record),
                                     lambda: job_state(launcher.status(record), record.stop_requested_at is not None))
         except KeyboardInterrupt:
             console.print("interrupted: stopping the job")
@@ -165,11 +165,18 @@ def test(job: JobConfig) -> int:
             record.save()
             return 130
         statuses = launcher.status(record)
-    return _finish(record, state, statuses)
+        summary = _metrics(launcher, record)
+        launcher.collect_logs(record)
+    return _finish(record, state, statuses, summary)
 
 
-def _finish(record: JobRecord, state: JobState, statuses: list) -> int:
-    console.print(f"job {record.run_id}: {state.value}; {describe(read_metrics(record.info.get('metrics_file')))}")
+def _metrics(launcher: Launcher, record: JobRecord) -> MetricsSummary | None:
+    path = record.info.get("metrics_file")
+    return read_metrics(launcher.read_text(record, path)) if path else None
+
+
+def _finish(record: JobRecord, state: JobState, statuses: list, summary: MetricsSummary | None) -> int:
+    console.print(f"job {record.run_id}: {state.value}; {describe(summary)}")
     if state is JobState.COMPLETED:
         return 0
     for status, host_record in zip(statuses, record.hosts):
@@ -193,6 +200,7 @@ def stop_job(exp_dir: str | Path) -> int:
         return 0
     with make_launcher(record.settings) as launcher:
         results = launcher.stop(record, record.settings["stop_timeout"])
+        launcher.collect_logs(record)
     record.save()
     failed = 0
     for result in results:
@@ -215,6 +223,7 @@ def query_job(exp_dir: str | Path) -> int:
     record = load_record(exp_dir)
     with make_launcher(record.settings) as launcher:
         statuses = launcher.status(record)
+        summary = _metrics(launcher, record)
     state = job_state(statuses, record.stop_requested_at is not None)
     table = Table(title=f"{record.task_type} job {record.run_id}: {state.value}")
     for column in ("host", "state", "pgid", "processes", "elapsed", "exit"):
@@ -227,7 +236,7 @@ def query_job(exp_dir: str | Path) -> int:
     for status in statuses:
         if status.error:
             console.print(f"host {status.host.name}: {status.error}")
-    console.print(f"progress: {describe(read_metrics(record.info.get('metrics_file')))}")
+    console.print(f"progress: {describe(summary)}")
     console.print(f"log: {record.hosts[0].log_path}")
     return 0 if state is not JobState.FAILED else 1
 
@@ -237,11 +246,12 @@ def watch_job(exp_dir: str | Path) -> int:
     record = load_record(exp_dir)
     with make_launcher(record.settings) as launcher:
         try:
-            state = follow_progress(console, record.info.get("metrics_file"),
+            state = follow_progress(console, lambda: _metrics(launcher, record),
                                     lambda: job_state(launcher.status(record), record.stop_requested_at is not None))
         except KeyboardInterrupt:
             return 0
-    console.print(f"job {record.run_id}: {state.value}; {describe(read_metrics(record.info.get('metrics_file')))}")
+        summary = _metrics(launcher, record)
+    console.print(f"job {record.run_id}: {state.value}; {describe(summary)}")
     return 0 if state is JobState.COMPLETED else 1
 
 

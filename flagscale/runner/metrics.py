@@ -6,7 +6,6 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -53,10 +52,8 @@ def parse_metrics(text: str) -> MetricsSummary:
     return summary
 
 
-def read_metrics(path: str | None) -> MetricsSummary | None:
-    if not path or not Path(path).is_file():
-        return None
-    return parse_metrics(Path(path).read_text(errors="replace"))
+def read_metrics(text: str | None) -> MetricsSummary | None:
+    return None if text is None else parse_metrics(text)
 
 
 def describe(summary: MetricsSummary | None) -> str:
@@ -71,15 +68,15 @@ def describe(summary: MetricsSummary | None) -> str:
     return ", ".join(parts)
 
 
-def follow_progress(console: Console, metrics_file: str | None, poll: Callable[[], JobState],
+def follow_progress(console: Console, read: Callable[[], MetricsSummary | None], poll: Callable[[], JobState],
                     interval: float = 1.0) -> JobState:
-    """Show progress from the metrics file until `poll` reports a terminal state."""
+    """Show progress from the metrics (`read`) until `poll` reports a terminal state."""
     seen = 0
     with _progress(console) as progress:
         task: TaskID | None = None
         while True:
             state = poll()
-            summary = read_metrics(metrics_file)
+            summary = read()
             if summary is not None:
                 if task is None and summary.train_iters:
                     task = progress.add_task("train", total=summary.train_iters, completed=summary.start_iteration,

@@ -13,4 +13,5 @@ out.mkdir(parents=True, exist_ok=True)
 info = {"pid": os.getpid(), "pgid": os.getpgid(0), "argv": sys.argv[1:], "host": os.environ.get("SLEEPER_HOST"),
         "node": socket.gethostname(), "time": time.time()}
 (out / f"{os.getpid()}.json").write_text(json.dumps(info))
+print(f"sleeper {os.getpid()} started with {len(sys.argv) - 1} arguments", flush=True)
 time.sleep(float(os.environ.get("SLEEPER_SECONDS", "300")))

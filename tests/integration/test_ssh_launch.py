@@ -5,6 +5,9 @@ launcher, not the engine; test_train_ssh.py runs real Megatron-Core training the
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -123,3 +126,25 @@ def test_host_dies_mid_job_then_stop_cleans_rest(cluster: SSHCluster, tiny_data:
 def _escape(value: str) -> str:
     """Quote a value for Hydra's override grammar (single-quoted, backslash escapes)."""
     return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def test_no_shared_fs_copies_scripts_and_streams_logs(cluster: SSHCluster, tiny_data: Path, tmp_path: Path) -> None:
+    hostfile = cluster.hostfile(tmp_path / "hostfile.txt")
+    proc = _light(cluster, tiny_data, tmp_path, hostfile, "+experiment.runner.no_shared_fs=true")
+    assert proc.returncode == 0, proc.stderr
+    _sleepers(tmp_path, 2)
+    record = _record(tmp_path)
+    assert record["settings"]["no_shared_fs"] is True
+    for host in record["hosts"]:  # written over SFTP (loopback hosts see the same path)
+        assert Path(host["script"]).read_text().startswith("#!/usr/bin/env bash")
+    deadline = time.time() + 10
+    logs = None
+    while time.time() < deadline:
+        logs = subprocess.run([sys.executable, "-m", "flagscale.cli", "logs", str(tmp_path)], capture_output=True,
+                              text=True, env={**os.environ, **cluster.env}, timeout=60)
+        if logs.stdout.count("sleeper") >= 2:
+            break
+        time.sleep(0.5)
+    assert logs is not None and "[127.0.0.2] sleeper" in logs.stdout and "[127.0.0.3] sleeper" in logs.stdout
+    stop = run_py(*TINY_CONF, f"experiment.exp_dir={tmp_path}", "action=stop", env=cluster.env)
+    assert stop.returncode == 0, stop.stdout
