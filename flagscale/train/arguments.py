@@ -1,0 +1,441 @@
+"""Command-line surface of the training program, in Megatron-LM's own argument names.
+
+Pure argparse, importable without torch: the launcher uses `known_keys()`/`option_for_key()` to
+check YAML keys and `validate()` to reject an inconsistent parallel layout before anything starts.
+Every option's `dest` is its name with dashes turned into underscores, so a YAML key `foo_bar`
+is exactly the option `--foo-bar`. Options a GPU Megatron-LM config carries but that change
+nothing here (fusions, TransformerEngine choices) are accepted so such configs validate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from functools import cache
+
+from flagscale.exceptions import ConfigError
+
+TOKENIZER_TYPES = ("HuggingFaceTokenizer", "NullTokenizer")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+
+
+def _model(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--num-layers", type=int, help="Number of transformer layers.")
+    p.add_argument("--hidden-size", type=int, help="Transformer hidden size.")
+    p.add_argument(
+        "--ffn-hidden-size", type=int, help="MLP hidden size (default 4*hidden, or ~8/3*hidden with --swiglu)."
+    )
+    p.add_argument("--num-attention-heads", type=int, help="Number of attention heads.")
+    p.add_argument("--group-query-attention", action="store_true", help="Use grouped-query attention.")
+    p.add_argument("--num-query-groups", type=int, help="Key/value head groups with --group-query-attention.")
+    p.add_argument("--kv-channels", type=int, help="Head dimension (default hidden/heads).")
+    p.add_argument("--seq-length", type=int, help="Training sequence length.")
+    p.add_argument("--max-position-embeddings", type=int, help="Maximum positions (default --seq-length).")
+    p.add_argument("--position-embedding-type", choices=("rope", "learned_absolute"), default="learned_absolute")
+    p.add_argument(
+        "--use-rotary-position-embeddings", action="store_true", help="Same as --position-embedding-type rope."
+    )
+    p.add_argument(
+        "--no-position-embedding", action="store_true", help="Accepted for Megatron-LM configs that pair it with rope."
+    )
+    p.add_argument("--rotary-base", type=int, default=10000, help="RoPE base period.")
+    p.add_argument("--rotary-percent", type=float, default=1.0, help="Fraction of the head dimension RoPE rotates.")
+    p.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
+    p.add_argument("--norm-epsilon", type=float, default=1e-5)
+    p.add_argument(
+        "--apply-layernorm-1p",
+        action="store_true",
+        help="Zero-centred LayerNorm gamma (TransformerEngine only; validated).",
+    )
+    p.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (gated SiLU).")
+    p.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    p.add_argument("--disable-bias-linear", action="store_true", help="No bias in linear layers.")
+    p.add_argument("--attention-dropout", type=float, default=0.1)
+    p.add_argument("--hidden-dropout", type=float, default=0.1)
+    p.add_argument("--init-method-std", type=float, default=0.02)
+    p.add_argument("--vocab-size", type=int, help="Vocabulary size for --tokenizer-type NullTokenizer.")
+    p.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="Pad the vocabulary to a multiple of this (times TP).",
+    )
+    p.add_argument("--use-mcore-models", action="store_true", help="Always on here (Megatron-Core GPTModel).")
+    p.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
+    p.add_argument("--use-flash-attn", action="store_true", help="Needs TransformerEngine/flash-attn; validated only.")
+    p.add_argument("--attention-softmax-in-fp32", action="store_true")
+    p.add_argument("--no-masked-softmax-fusion", action="store_true")
+    p.add_argument("--no-bias-gelu-fusion", action="store_true")
+    p.add_argument("--no-bias-swiglu-fusion", action="store_true")
+    p.add_argument("--no-bias-dropout-fusion", action="store_true")
+    p.add_argument("--no-rope-fusion", action="store_true")
+    p.add_argument("--no-gradient-accumulation-fusion", action="store_true")
+    p.add_argument("--qk-layernorm", action="store_true", help="Normalise queries and keys.")
+
+
+def _parallel(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument(
+        "--virtual-pipeline-model-parallel-size",
+        type=int,
+        help="Model chunks per pipeline rank (interleaved schedule).",
+    )
+    p.add_argument(
+        "--num-layers-per-virtual-pipeline-stage",
+        type=int,
+        help="Alternative to --virtual-pipeline-model-parallel-size.",
+    )
+    p.add_argument("--context-parallel-size", type=int, default=1)
+    p.add_argument("--sequence-parallel", action="store_true", help="Needs CUDA (Apex/TransformerEngine LayerNorm).")
+    p.add_argument(
+        "--use-distributed-optimizer", action="store_true", help="Shard optimizer state over data parallel ranks."
+    )
+    p.add_argument("--overlap-grad-reduce", action="store_true")
+    p.add_argument("--overlap-param-gather", action="store_true")
+    p.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
+    p.add_argument("--distributed-backend", choices=("nccl", "gloo"), help="Default: nccl on CUDA, gloo on CPU.")
+    p.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="FlagScale: where to train (auto = CUDA when present).",
+    )
+
+
+def _training(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--global-batch-size", type=int, help="Default: micro batch × data parallel size.")
+    p.add_argument("--train-iters", type=int)
+    p.add_argument("--train-samples", type=int, help="Alternative to --train-iters (samples / global batch).")
+    p.add_argument("--exit-interval", type=int, help="Stop (after saving) when iteration %% N == 0.")
+    p.add_argument("--exit-duration-in-mins", type=float, help="Stop (after saving) after this many minutes.")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--recompute-granularity", choices=("full", "selective"))
+    p.add_argument("--recompute-method", choices=("uniform", "block"))
+    p.add_argument("--recompute-num-layers", type=int)
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--initial-loss-scale", type=float, default=2.0**32)
+    p.add_argument("--min-loss-scale", type=float, default=1.0)
+    p.add_argument("--loss-scale", type=float, help="Static loss scale (fp16).")
+    p.add_argument("--loss-scale-window", type=int, default=1000)
+    p.add_argument("--hysteresis", type=int, default=2)
+
+
+def _optimizer(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--lr", type=float, help="Peak learning rate.")
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="linear")
+    p.add_argument("--lr-warmup-iters", type=int, default=0)
+    p.add_argument("--lr-warmup-samples", type=int, default=0)
+    p.add_argument("--lr-warmup-fraction", type=float, help="Warm-up as a fraction of the decay iterations.")
+    p.add_argument("--lr-decay-iters", type=int, help="Default: --train-iters.")
+    p.add_argument("--lr-decay-samples", type=int)
+    p.add_argument("--lr-wsd-decay-style", choices=("exponential", "linear", "cosine"), default="exponential")
+    p.add_argument("--lr-wsd-decay-iters", type=int)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--start-weight-decay", type=float)
+    p.add_argument("--end-weight-decay", type=float)
+    p.add_argument("--weight-decay-incr-style", choices=("constant", "linear", "cosine"), default="constant")
+    p.add_argument("--adam-beta1", type=float, default=0.9)
+    p.add_argument("--adam-beta2", type=float, default=0.999)
+    p.add_argument("--adam-eps", type=float, default=1e-8)
+    p.add_argument("--sgd-momentum", type=float, default=0.9)
+    p.add_argument("--clip-grad", type=float, default=1.0, help="Gradient-norm clip (0 disables).")
+    p.add_argument(
+        "--override-opt-param-scheduler",
+        action="store_true",
+        help="On resume the command line's LR schedule wins (the default here unless the next option is set).",
+    )
+    p.add_argument(
+        "--use-checkpoint-opt-param-scheduler", action="store_true", help="On resume the checkpoint's LR schedule wins."
+    )
+
+
+def _checkpoint(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--save", help="Checkpoint directory to save to.")
+    p.add_argument("--load", help="Checkpoint directory to resume from (missing = start fresh).")
+    p.add_argument("--save-interval", type=int, help="Save every N iterations (and always at the end).")
+    p.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist")
+    p.add_argument("--no-save-optim", action="store_true")
+    p.add_argument("--no-save-rng", action="store_true")
+    p.add_argument("--no-load-optim", action="store_true")
+    p.add_argument("--no-load-rng", action="store_true")
+    p.add_argument("--finetune", action="store_true", help="Load weights only; restart at iteration 0.")
+    p.add_argument("--ckpt-step", type=int, help="Load this iteration instead of the latest.")
+    p.add_argument("--exit-on-missing-checkpoint", action="store_true")
+
+
+def _data(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--data-path", nargs="*", help="Prefixes, or a blend 'W1 P1 W2 P2 ...'.")
+    p.add_argument("--split", default="969,30,1", help="train,valid,test weights.")
+    p.add_argument("--data-cache-path", help="Where dataset index caches go.")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes.")
+    p.add_argument("--mock-data", action="store_true", help="Random tokens instead of --data-path.")
+    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="HuggingFaceTokenizer")
+    p.add_argument("--tokenizer-model", help="Folder with a Hugging Face tokenizer.json.")
+    p.add_argument("--reset-position-ids", action="store_true")
+    p.add_argument("--reset-attention-mask", action="store_true")
+    p.add_argument("--eod-mask-loss", action="store_true")
+
+
+def _logging(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--log-interval", type=int, default=100)
+    p.add_argument("--eval-interval", type=int, default=1000)
+    p.add_argument("--eval-iters", type=int, default=100)
+    p.add_argument("--tensorboard-dir", help="Default: <metrics-dir>/tensorboard.")
+    p.add_argument("--tensorboard-log-interval", type=int, default=1)
+    p.add_argument("--log-throughput", action="store_true", help="Always on here (tokens/s in every log line).")
+    p.add_argument("--metrics-dir", help="FlagScale: write metrics.jsonl, TensorBoard events and loss_curve.png here.")
+    p.add_argument("--wandb-project", help="Accepted for upstream configs; not used.")
+    p.add_argument("--wandb-exp-name", help="Accepted for upstream configs; not used.")
+
+
+_GROUPS = (
+    ("model", _model),
+    ("parallelism", _parallel),
+    ("training", _training),
+    ("optimizer and learning rate", _optimizer),
+    ("checkpointing", _checkpoint),
+    ("data and tokenizer", _data),
+    ("logging and metrics", _logging),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole argument parser (Megatron-LM names, plus --metrics-dir and --device)."""
+    parser = argparse.ArgumentParser(
+        prog="train_gpt.py",
+        description="FlagScale GPT training on Megatron-Core (run under torchrun).",
+        allow_abbrev=False,
+    )
+    for title, add in _GROUPS:
+        add(parser.add_argument_group(title))
+    return parser
+
+
+@cache
+def known_keys() -> frozenset[str]:
+    """Every YAML key the training program accepts (`tensor_model_parallel_size`, ...)."""
+    return frozenset(a.dest for a in build_parser()._actions if a.dest != "help")
+
+
+def option_for_key(key: str) -> str | None:
+    """`tensor_model_parallel_size` -> `--tensor-model-parallel-size`; None for an unknown key."""
+    return "--" + key.replace("_", "-") if key in known_keys() else None
+
+
+def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None) -> argparse.Namespace:
+    """Parse, check (`validate`) and fill derived values (`derive`)."""
+    args = build_parser().parse_args(argv)
+    validate(args, world_size)
+    return derive(args, world_size)
+
+
+def parse_blend(data_path: Sequence[str]) -> tuple[list[str], list[float] | None]:
+    """Megatron's `--data-path`: plain prefixes, or alternating `weight prefix` pairs."""
+    items = list(data_path)
+    if not items or not _is_number(items[0]):
+        if any(_is_number(item) for item in items):
+            raise ConfigError(f"data_path mixes weights and prefixes: {items}; use 'W1 P1 W2 P2 ...' or only prefixes")
+        return items, None
+    if len(items) % 2:
+        raise ConfigError(f"data_path blend needs weight/prefix pairs, got {len(items)} items: {items}")
+    weights, prefixes = items[0::2], items[1::2]
+    bad = [w for w in weights if not _is_number(w) or float(w) < 0]
+    if bad or any(_is_number(p) for p in prefixes):
+        raise ConfigError(f"data_path blend must alternate non-negative weights and prefixes: {items}")
+    return prefixes, [float(w) for w in weights]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def validate(args: argparse.Namespace, world_size: int | None) -> None:
+    """Raise ConfigError listing every inconsistent setting (torch-free; the launcher calls it)."""
+    problems = [
+        *_model_problems(args),
+        *_parallel_problems(args, world_size),
+        *_training_problems(args),
+        *_data_problems(args),
+    ]
+    if problems:
+        raise ConfigError("invalid training arguments:\n  - " + "\n  - ".join(problems))
+
+
+def _required(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    return [f"{n} is required (set --{n.replace('_', '-')})" for n in names if getattr(args, n) is None]
+
+
+def _model_problems(args: argparse.Namespace) -> list[str]:
+    problems = _required(args, ("num_layers", "hidden_size", "num_attention_heads", "seq_length"))
+    if problems:
+        return problems
+    heads, tp = args.num_attention_heads, args.tensor_model_parallel_size
+    if args.kv_channels is None and args.hidden_size % heads:
+        problems.append(
+            f"hidden_size ({args.hidden_size}) is not divisible by num_attention_heads ({heads}); set kv_channels"
+        )
+    if tp > 0 and heads % tp:
+        problems.append(f"num_attention_heads ({heads}) is not divisible by tensor_model_parallel_size ({tp})")
+    groups = args.num_query_groups if args.group_query_attention else None
+    if groups is not None and (heads % groups or (tp > 0 and groups % tp)):
+        problems.append(
+            f"num_query_groups ({groups}) must divide num_attention_heads ({heads}) "
+            f"and be divisible by tensor_model_parallel_size ({tp})"
+        )
+    if args.group_query_attention and groups is None:
+        problems.append("group_query_attention needs num_query_groups")
+    max_pos = args.max_position_embeddings
+    if max_pos is not None and _rope(args) is False and args.seq_length > max_pos:
+        problems.append(f"seq_length ({args.seq_length}) exceeds max_position_embeddings ({max_pos})")
+    return problems
+
+
+def _parallel_problems(args: argparse.Namespace, world_size: int | None) -> list[str]:
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if min(tp, pp, cp) < 1:
+        return ["tensor/pipeline/context parallel sizes must be >= 1"]
+    problems = []
+    if world_size is not None and world_size % (tp * pp * cp):
+        problems.append(
+            f"tensor_model_parallel_size ({tp}) × pipeline_model_parallel_size ({pp}) × context_parallel_size ({cp}) "
+            f"= {tp * pp * cp} does not divide the world size {world_size} (nnodes × nproc_per_node)"
+        )
+    elif world_size is not None:
+        problems += _batch_problems(args, world_size // (tp * pp * cp))
+    if args.num_layers is not None:
+        problems += _layer_problems(args, pp)
+    if args.sequence_parallel and args.device == "cpu":
+        problems.append(SEQUENCE_PARALLEL_ON_CPU)
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        problems.append("overlap_param_gather needs use_distributed_optimizer")
+    if args.fp16 and args.bf16:
+        problems.append("fp16 and bf16 are both set; choose one")
+    return problems
+
+
+SEQUENCE_PARALLEL_ON_CPU = (
+    "sequence_parallel needs CUDA (Apex/TransformerEngine LayerNorm); set sequence_parallel: false"
+)
+
+
+def _layer_problems(args: argparse.Namespace, pp: int) -> list[str]:
+    layers = args.num_layers
+    if layers % pp:
+        return [f"num_layers ({layers}) is not divisible by pipeline_model_parallel_size ({pp})"]
+    vpp, per_stage = args.virtual_pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
+    if vpp is not None and per_stage is not None:
+        return ["set only one of virtual_pipeline_model_parallel_size and num_layers_per_virtual_pipeline_stage"]
+    if per_stage is not None and (layers // pp) % per_stage:
+        return [
+            f"layers per pipeline stage ({layers // pp}) is not divisible by "
+            f"num_layers_per_virtual_pipeline_stage ({per_stage})"
+        ]
+    if vpp is not None and layers % (pp * vpp):
+        return [f"num_layers ({layers}) is not divisible by pipeline × virtual pipeline size ({pp} × {vpp})"]
+    if (vpp or per_stage) and pp == 1:
+        return ["virtual pipeline stages need pipeline_model_parallel_size > 1"]
+    return []
+
+
+def _training_problems(args: argparse.Namespace) -> list[str]:
+    problems = []
+    if (args.train_iters is None) == (args.train_samples is None):
+        problems.append("set exactly one of train_iters and train_samples")
+    if args.lr is None:
+        problems.append("lr is required (set --lr)")
+    elif args.min_lr > args.lr:
+        problems.append(f"min_lr ({args.min_lr}) is larger than lr ({args.lr})")
+    if args.recompute_method and args.recompute_granularity != "full":
+        problems.append("recompute_method needs recompute_granularity: full")
+    if args.recompute_granularity == "full" and (args.recompute_method is None or args.recompute_num_layers is None):
+        problems.append("recompute_granularity full needs recompute_method and recompute_num_layers")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        problems.append("set only one of override_opt_param_scheduler and use_checkpoint_opt_param_scheduler")
+    if args.save_interval is not None and args.save is None:
+        problems.append("save_interval needs save (a checkpoint directory)")
+    problems += [
+        f"{n} must be > 0" for n in ("log_interval", "eval_interval", "micro_batch_size") if getattr(args, n) <= 0
+    ]
+    return problems
+
+
+def _data_problems(args: argparse.Namespace) -> list[str]:
+    problems = []
+    if not args.mock_data and not args.data_path:
+        problems.append("data_path is required unless mock_data is set")
+    if args.data_path:
+        try:
+            parse_blend(args.data_path)
+        except ConfigError as err:
+            problems.append(str(err))
+    if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
+        problems.append("tokenizer_type HuggingFaceTokenizer needs tokenizer_model (a folder with tokenizer.json)")
+    if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
+        problems.append("tokenizer_type NullTokenizer needs vocab_size")
+    return problems
+
+
+def _batch_problems(args: argparse.Namespace, data_parallel_size: int) -> list[str]:
+    """Global batch vs micro batch × data parallel size."""
+    gbs, unit = args.global_batch_size, args.micro_batch_size * data_parallel_size
+    if gbs is not None and gbs % unit:
+        return [
+            f"global_batch_size ({gbs}) is not divisible by micro_batch_size ({args.micro_batch_size}) "
+            f"× data parallel size ({data_parallel_size})"
+        ]
+    return []
+
+
+def _rope(args: argparse.Namespace) -> bool:
+    return args.position_embedding_type == "rope" or args.use_rotary_position_embeddings
+
+
+def derive(args: argparse.Namespace, world_size: int | None) -> argparse.Namespace:
+    """Fill the values Megatron-LM derives from others (defaults that depend on other options)."""
+    world = world_size or 1
+    args.world_size = world
+    args.data_parallel_size = world // (
+        args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
+    )
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * args.data_parallel_size
+    if _rope(args):
+        args.position_embedding_type = "rope"
+    args.ffn_hidden_size = args.ffn_hidden_size or _default_ffn(args)
+    args.kv_channels = args.kv_channels or args.hidden_size // args.num_attention_heads
+    args.num_query_groups = args.num_query_groups if args.group_query_attention else args.num_attention_heads
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    _derive_iters(args)
+    if args.num_layers_per_virtual_pipeline_stage:
+        stage_layers = args.num_layers // args.pipeline_model_parallel_size
+        args.virtual_pipeline_model_parallel_size = stage_layers // args.num_layers_per_virtual_pipeline_stage
+    return args
+
+
+def _default_ffn(args: argparse.Namespace) -> int:
+    if args.swiglu:  # Megatron-LM: 2/3 of 4h, rounded down to a multiple of 64
+        return int((4 * args.hidden_size * 2 / 3) / 64) * 64 or 4 * args.hidden_size
+    return 4 * args.hidden_size
+
+
+def _derive_iters(args: argparse.Namespace) -> None:
+    gbs = args.global_batch_size
+    if args.train_iters is None:
+        args.train_iters = math.ceil(args.train_samples / gbs)
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = math.ceil(args.lr_decay_samples / gbs) if args.lr_decay_samples else args.train_iters
+    if args.lr_warmup_fraction is not None:
+        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
+    elif args.lr_warmup_samples:
+        args.lr_warmup_iters = math.ceil(args.lr_warmup_samples / gbs)
