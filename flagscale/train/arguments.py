@@ -315,6 +315,8 @@ def _parallel_problems(args: argparse.Namespace, world_size: int | None) -> list
         problems += _batch_problems(args, world_size // (tp * pp * cp))
     if args.num_layers is not None:
         problems += _layer_problems(args, pp)
+    if cp > 1:  # Megatron-Core's local DotProductAttention asserts context_parallel_size == 1
+        problems.append("context_parallel_size > 1 needs TransformerEngine attention (not used here); set it to 1")
     if args.sequence_parallel and args.device == "cpu":
         problems.append(SEQUENCE_PARALLEL_ON_CPU)
     if args.overlap_param_gather and not args.use_distributed_optimizer:

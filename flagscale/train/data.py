@@ -62,8 +62,7 @@ def batches(
         dataset,
         batch_sampler=sampler,
         num_workers=args.num_workers,
-        persistent_workers=False,
-        pin_memory=False,
+        pin_memory=torch.cuda.is_available(),
     )
     return iter(loader)
 

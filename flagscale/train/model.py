@@ -19,7 +19,6 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
-from flagscale.exceptions import ConfigError
 from flagscale.train.runtime import Runtime
 
 
@@ -63,11 +62,13 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
         params_dtype=dtype,
         pipeline_dtype=dtype,
         use_cpu_initialization=not cuda,
-        masked_softmax_fusion=cuda and not args.no_masked_softmax_fusion,
-        bias_activation_fusion=cuda and not (args.no_bias_swiglu_fusion if args.swiglu else args.no_bias_gelu_fusion),
+        masked_softmax_fusion=cuda and _has_module("scaled_masked_softmax_cuda") and not args.no_masked_softmax_fusion,
+        bias_activation_fusion=cuda and _bias_activation_fusion(args),
         bias_dropout_fusion=cuda and not args.no_bias_dropout_fusion,
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=cuda and _has_apex_wgrad() and not args.no_gradient_accumulation_fusion,
+        gradient_accumulation_fusion=(
+            cuda and _has_module("fused_weight_gradient_mlp_cuda") and not args.no_gradient_accumulation_fusion
+        ),
         persist_layer_norm=False,
         # Megatron-LM overlaps unbatched p2p in the interleaved schedule and batches it in 1F1B.
         # gloo gets neither: batched, a 2-stage pipeline's two directions share one FIFO channel
@@ -79,20 +80,26 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
     )
 
 
-def _has_apex_wgrad() -> bool:
-    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+def _has_module(name: str) -> bool:
+    """Whether an optional CUDA extension (Apex, Megatron's fused kernels) is installed."""
+    return importlib.util.find_spec(name) is not None
 
 
-def _check_supported(args: argparse.Namespace) -> None:
-    if args.context_parallel_size > 1 and importlib.util.find_spec("transformer_engine") is None:
-        raise ConfigError("context_parallel_size > 1 needs TransformerEngine attention; set context_parallel_size: 1")
+def _bias_activation_fusion(args: argparse.Namespace) -> bool:
+    """Megatron's jit-fused bias+SwiGLU, or bias+GeLU (which needs a bias to fuse)."""
+    if args.swiglu:
+        return not args.no_bias_swiglu_fusion
+    return not args.no_bias_gelu_fusion and not args.disable_bias_linear
+
+
+def _note_unused_options(args: argparse.Namespace) -> None:
     if (args.transformer_impl == "transformer_engine" or args.use_flash_attn) and dist.get_rank() == 0:
         print("note: transformer_impl/use_flash_attn are accepted; the local Megatron-Core spec is used", flush=True)
 
 
 def build_chunks(args: argparse.Namespace, config: TransformerConfig, vocab_size: int) -> list[GPTModel]:
     """One GPTModel per virtual pipeline chunk this rank holds (one without interleaving)."""
-    _check_supported(args)
+    _note_unused_options(args)
     spec = get_gpt_layer_local_spec(normalization=args.normalization, qk_layernorm=args.qk_layernorm)
     chunks = args.virtual_pipeline_model_parallel_size or 1
     vp = [None] if chunks == 1 else list(range(chunks))

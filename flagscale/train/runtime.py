@@ -34,8 +34,11 @@ class Runtime:
     world_size: int
     """All ranks."""
     tp_rank: int
+    """Rank in the tensor-parallel group."""
     pp_rank: int
+    """Pipeline stage."""
     dp_rank: int
+    """Rank in the data-parallel group (which slice of each global batch this rank reads)."""
 
     @property
     def is_cuda(self) -> bool:

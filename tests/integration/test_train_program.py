@@ -53,6 +53,11 @@ def torchrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, output, "")
 
 
+def single_process(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The program without torchrun: a one-rank job."""
+    return subprocess.run([sys.executable, PROGRAM, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
 def events(metrics_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (metrics_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -112,11 +117,6 @@ def test_resume_continues_from_checkpoint(tiny_data: Path, tmp_path: Path) -> No
     assert sorted(train_losses(events(metrics_dir))) == [5, 10, 15, 20, 25, 30]
 
 
-def single_process(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The program without torchrun: a one-rank job."""
-    return subprocess.run([sys.executable, PROGRAM, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
 def test_resume_is_exact_with_distributed_optimizer(tiny_data: Path, tmp_path: Path) -> None:
     """Stopping at 6 (--exit-interval) and resuming gives the same losses as one run to 12."""
     common = [*SMALL_MODEL, *data_args(tiny_data), "--use-distributed-optimizer", "--train-iters", "12",
@@ -137,9 +137,11 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_data: Path, tmp_path: Path) ->
     ckpt = tmp_path / "ckpt"
     (ckpt / "iter_0000010").mkdir(parents=True)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("10\n")
-    run = torchrun(*SMALL_MODEL, *data_args(tiny_data), "--train-iters", "20", "--load", str(ckpt))
-    assert run.returncode != 0
-    assert f"error: checkpoint {ckpt / 'iter_0000010'} is incomplete or corrupt: no metadata.json" in run.stdout
+    run = single_process(*SMALL_MODEL, *data_args(tiny_data), "--train-iters", "20", "--load", str(ckpt))
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"error: checkpoint {ckpt / 'iter_0000010'} is incomplete or corrupt: no metadata.json"
+    )
 
 
 def test_sequence_parallel_on_cpu_is_a_clear_error(tiny_data: Path) -> None:

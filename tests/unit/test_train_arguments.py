@@ -143,3 +143,7 @@ def test_samples_convert_to_iterations() -> None:
     arguments.validate(args, 2)
     arguments.derive(args, 2)
     assert (args.train_iters, args.lr_warmup_iters, args.lr_decay_iters) == (100, 10, 100)
+
+
+def test_context_parallel_is_refused() -> None:
+    assert "context_parallel_size > 1 needs TransformerEngine attention" in problems(2, "--context-parallel-size", "2")
