@@ -3,6 +3,7 @@
     flagscale train tiny_gpt                  # examples/tiny_gpt/conf/train.yaml, detached
     flagscale train tiny_gpt --foreground     # like action=test: live progress, job's exit code
     flagscale train tiny_gpt train.model.train_iters=50 --dryrun
+    flagscale serve tiny_gpt [--model-path P] [--port N] [--engine-args JSON]   # examples/tiny_gpt/conf/serve.yaml
     flagscale status [EXP_DIR|MODEL] [--watch]
     flagscale logs [EXP_DIR|MODEL] [-f]
     flagscale stop [EXP_DIR|MODEL]
@@ -97,6 +98,24 @@ def train(model: str, args: tuple[str, ...], foreground: bool, dryrun: bool) -> 
     """Train MODEL with examples/MODEL/conf/train.yaml (or [YAML]); extra args are Hydra overrides."""
     action = "dryrun" if dryrun else "test" if foreground else "run"
     _guard(lambda: _launch("train", model, args, action))
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("model")
+@click.argument("args", nargs=-1)
+@click.option("--model-path", help="The model to serve (engine_args.model of the first deployment).")
+@click.option("--port", type=int, help="The port to listen on (engine_args.port of the first deployment).")
+@click.option("--engine-args", help='More vLLM arguments as a JSON object, e.g. \'{"max_num_seqs": 8}\'.')
+@click.option("--foreground", "-F", is_flag=True, help="Stay in the foreground until the server ends (action=test).")
+@click.option("--dryrun", is_flag=True, help="Write the scripts and print the commands; start nothing.")
+def serve(model: str, args: tuple[str, ...], model_path: str | None, port: int | None, engine_args: str | None,
+          foreground: bool, dryrun: bool) -> None:
+    """Serve MODEL with examples/MODEL/conf/serve.yaml (or [YAML]); returns once it answers. Extra args are
+    Hydra overrides."""
+    from flagscale.serve.overrides import serve_overrides
+
+    action = "dryrun" if dryrun else "test" if foreground else "run"
+    _guard(lambda: _launch("serve", model, (*args, *serve_overrides(model_path, port, engine_args)), action))
 
 
 @main.command()

@@ -131,6 +131,8 @@ def stop(pgid, timeout):
 
 def port(number):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # as servers bind: a port whose last connections linger in TIME_WAIT is free; a listening one is not
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(("", int(number)))
         return {"port": sock.getsockname()[1]}

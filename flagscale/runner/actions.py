@@ -90,6 +90,8 @@ def run(job: JobConfig) -> int:
     console.print(f"  log: {first.log_path}")
     for name, url in record.info.get("urls", {}).items():
         console.print(f"  serving {name}: {url}")
+    if record.info.get("output_path"):
+        console.print(f"  results: {record.info['output_path']}")
     config_arg = _config_args(job)
     console.print(f"  follow: tail -f {shlex.quote(first.log_path)}   (or: flagscale logs -f {record.exp_dir})")
     console.print(f"  query:  python run.py {config_arg} action=query")
@@ -237,6 +239,8 @@ def query_job(exp_dir: str | Path) -> int:
         if status.error:
             console.print(f"host {status.host.name}: {status.error}")
     console.print(f"progress: {describe(summary)}")
+    for name, url in record.info.get("urls", {}).items():
+        console.print(f"serving {name}: {url}")
     console.print(f"log: {record.hosts[0].log_path}")
     return 0 if state is not JobState.FAILED else 1
 
@@ -256,7 +260,9 @@ def watch_job(exp_dir: str | Path) -> int:
 
 
 def auto_tune(job: JobConfig) -> int:
-    raise FlagScaleError("action=auto_tune is not available yet")
+    from flagscale.auto_tuner import auto_tune as run_auto_tune  # on demand: the tuner imports this module
+
+    return run_auto_tune(job)
 
 
 def _refuse_if_running(job: JobConfig) -> None:

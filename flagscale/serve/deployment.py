@@ -68,8 +68,8 @@ class Deployment:
             raise ConfigError(f"deployment {self.serve_id}: engine '{self.engine}' is not supported "
                               f"(supported: {', '.join(ENGINES)})")
         if not self.engine_args.get("model"):
-            raise ConfigError(f"deployment {self.serve_id}: engine_args.model is required "
-                              "(a Hugging Face model folder, e.g. one written by tools/checkpoint/convert_megatron_to_hf.py)")
+            raise ConfigError(f"deployment {self.serve_id}: engine_args.model is required (a Hugging Face "
+                              "model folder, e.g. one written by tools/checkpoint/convert_megatron_to_hf.py)")
         if self.ready_timeout_s <= 0:
             raise ConfigError(f"deployment {self.serve_id}: ready_timeout_s must be positive")
 

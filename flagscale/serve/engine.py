@@ -61,7 +61,15 @@ def endpoint(deployment: Deployment, host: Host) -> Endpoint:
     return Endpoint(bind_host=str(bind), port=port, connect_host=connect)
 
 
-def server_argv(python: str, deployment: Deployment, host: Host, *, ray: bool) -> list[str]:
+def server_command(python: str, entrypoint: str | None) -> list[str]:
+    """The server program: vLLM's by default; experiment.task.entrypoint (a module, or a .py file) replaces it."""
+    if entrypoint is None:
+        return [python, "-m", SERVER_MODULE]
+    return [python, entrypoint] if entrypoint.endswith(".py") else [python, "-m", entrypoint]
+
+
+def server_argv(python: str, deployment: Deployment, host: Host, *, ray: bool,
+                entrypoint: str | None = None) -> list[str]:
     """`python -m vllm.entrypoints.openai.api_server --model ... --host ... --port ...`."""
     args: dict[str, Any] = dict(deployment.engine_args)
     where = endpoint(deployment, host)
@@ -71,7 +79,7 @@ def server_argv(python: str, deployment: Deployment, host: Host, *, ray: bool) -
         if backend != "ray":
             raise ConfigError(f"deployment {deployment.serve_id}: a multi-host job runs vLLM on Ray; remove "
                               f"engine_args.distributed_executor_backend={backend} or set it to ray")
-    return [python, "-m", SERVER_MODULE, *to_argv(flatten_leaves(args, f"{deployment.serve_id}.engine_args"))]
+    return [*server_command(python, entrypoint), *to_argv(flatten_leaves(args, f"{deployment.serve_id}.engine_args"))]
 
 
 def is_ip(name: str) -> bool:

@@ -1,0 +1,1 @@
+"""Offline inference with vLLM: the program the inference runner starts on the host."""

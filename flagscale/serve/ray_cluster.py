@@ -1,0 +1,79 @@
+"""Planning a Ray cluster for a multi-host job: the head on the first host, a worker on each other.
+
+Every node is `ray start --block`, so the Ray processes stay in the job's recorded process tree
+and `stop` ends them like any other process (never `ray stop`, which kills every Ray process on
+a machine by name). Workers wait for the head's port before they join; the engine process on the
+head waits for all nodes before it starts (flagscale/serve/ray_node.py does both).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from flagscale.config.hostfile import Host
+from flagscale.serve.deployment import Resources
+from flagscale.serve.engine import is_ip
+
+RAY_CLI = ("-m", "ray.scripts.scripts")
+NODE_PROGRAM = ("-m", "flagscale.serve.ray_node")
+DRYRUN_PORT = 6379
+JOIN_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RayCluster:
+    """The nodes of one job's Ray cluster and how they find each other."""
+
+    hosts: tuple[Host, ...]
+    port: int
+    """The head's GCS port (experiment.runner.master_port, or one found free at launch)."""
+    resources: Resources
+    python: str
+
+    @property
+    def head(self) -> Host:
+        return self.hosts[0]
+
+    @property
+    def address(self) -> str:
+        return f"{self.head.name}:{self.port}"
+
+    def node_argv(self, host: Host) -> list[str]:
+        """`ray start --block` for one node: --head on the first host, --address on the others."""
+        start = [self.python, *RAY_CLI, "start", "--block", "--disable-usage-stats"]
+        if host == self.head:
+            start += ["--head", "--port", str(self.port), "--include-dashboard", "false"]
+        else:
+            start += ["--address", self.address]
+        if is_ip(host.name):
+            start += ["--node-ip-address", host.name]
+        start += self._resource_args(host)
+        if host == self.head:
+            return start
+        return [self.python, *NODE_PROGRAM, "join", "--address", self.address,
+                "--timeout", str(JOIN_TIMEOUT_S), "--", *start]
+
+    def wait_argv(self, command: list[str]) -> list[str]:
+        """`command`, started once every node has joined, with RAY_ADDRESS pointing at the head."""
+        return [self.python, *NODE_PROGRAM, "wait", "--address", self.address, "--nodes", str(len(self.hosts)),
+                "--timeout", str(JOIN_TIMEOUT_S), "--", *command]
+
+    def node_env(self, host: Host) -> dict[str, str]:
+        """What each node's processes (and so the engine's Ray workers) inherit."""
+        env = {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+        if is_ip(host.name):
+            env["VLLM_HOST_IP"] = host.name
+        return env
+
+    def _resource_args(self, host: Host) -> list[str]:
+        res = self.resources
+        num_gpus = res.num_gpus if res.num_gpus is not None else (host.slots if host.type else None)
+        args: list[str] = []
+        for flag, value in (("--num-cpus", res.num_cpus), ("--num-gpus", num_gpus),
+                            ("--object-store-memory", res.object_store_memory)):
+            if value is not None:
+                args += [flag, str(value)]
+        if res.custom:
+            args += ["--resources", json.dumps(res.custom, sort_keys=True)]
+        return args

@@ -1,0 +1,1 @@
+"""Checkpoint conversion between Megatron-Core (FlagScale training) and Hugging Face."""

@@ -1,0 +1,129 @@
+"""Convert a Megatron-Core checkpoint written by FlagScale training into a Hugging Face Llama folder.
+
+    python tools/checkpoint/convert_megatron_to_hf.py --load outputs/tiny_gpt/checkpoints --output outputs/tiny_gpt/hf
+
+Reads the latest iteration (or --iteration N) of a torch_dist checkpoint, whatever tensor/pipeline
+parallel sizes the training used, with the training program's own model builder; writes
+config.json, generation_config.json, model.safetensors and the tokenizer files (copied from the
+training's --tokenizer-model folder, or --tokenizer-dir), loadable by transformers and vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run by path: make `tools` and `flagscale` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tools.checkpoint import llama_mapping, megatron_loader
+from tools.checkpoint.errors import ConversionError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--load", required=True, type=Path, help="The training's checkpoint folder (its --save).")
+    parser.add_argument("--output", required=True, type=Path, help="The Hugging Face folder to write.")
+    parser.add_argument("--iteration", type=int, help="Convert this iteration (default: the latest).")
+    parser.add_argument("--tokenizer-dir", type=Path,
+                        help="Tokenizer folder to copy (default: the training's --tokenizer-model).")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="Weights' dtype in the output (default: the training's parameter dtype).")
+    return parser
+
+
+def tokenizer_dir(args: argparse.Namespace, training: argparse.Namespace) -> Path:
+    """The tokenizer folder to copy; an error naming --tokenizer-dir if there is none."""
+    folder = args.tokenizer_dir or (Path(training.tokenizer_model) if training.tokenizer_model else None)
+    if folder is None or (not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file()):
+        raise ConversionError(f"no tokenizer at {folder} (the training's --tokenizer-model); "
+                              "pass --tokenizer-dir DIR with the Hugging Face tokenizer files")
+    return folder
+
+
+def special_ids(folder: Path) -> dict[str, int | None]:
+    """bos/eos/pad token ids of a tokenizer folder, by the training program's tokenizer reader."""
+    from flagscale.train.tokenizer import HFTokenizer
+
+    tokenizer = HFTokenizer(folder)
+    ids = {"bos_token": tokenizer.bos, "eos_token": tokenizer.eos}
+    try:
+        ids["pad_token"] = tokenizer.pad
+    except AttributeError:
+        ids["pad_token"] = None
+    return ids
+
+
+def copy_tokenizer(folder: Path, output: Path) -> list[str]:
+    """Copy the tokenizer's files; return their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, output / name)
+            copied.append(name)
+    return copied
+
+
+def write_generation_config(output: Path, ids: dict[str, int | None]) -> None:
+    """Only the token ids: vLLM takes sampling defaults from this file, so none are set here."""
+    config = {"bos_token_id": ids["bos_token"], "eos_token_id": ids["eos_token"], "pad_token_id": ids["pad_token"]}
+    (output / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def convert(args: argparse.Namespace) -> Path:
+    """Load, map, write; return the output folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    loaded = megatron_loader.load(args.load, args.iteration)
+    try:
+        training = loaded.args
+        llama_mapping.check_llama_compatible(training)
+        folder = tokenizer_dir(args, training)
+        dtype = llama_mapping.dtype_name(training) if args.dtype == "auto" else args.dtype
+        tensors = llama_mapping.to_hf_state_dict(loaded.model.state_dict(), training)
+        tensors = {name: t.to(getattr(torch, dtype)) for name, t in tensors.items()}
+        vocab = tensors["model.embed_tokens.weight"].shape[0]
+    finally:
+        megatron_loader.shutdown()
+    ids = special_ids(folder)
+    args.output.mkdir(parents=True, exist_ok=True)
+    llama_mapping.hf_config(training, vocab, ids, dtype).save_pretrained(args.output)
+    save_file(tensors, str(args.output / "model.safetensors"), metadata={"format": "pt"})
+    write_generation_config(args.output, ids)
+    copied = copy_tokenizer(folder, args.output)
+    layout = f"tp={training.tensor_model_parallel_size} pp={training.pipeline_model_parallel_size}"
+    print(f"converted {loaded.path} (iteration {loaded.iteration}, trained with {layout}) -> {args.output}")
+    print(f"  {len(tensors)} tensors ({dtype}), vocab {vocab}; tokenizer files from {folder}: {', '.join(copied)}")
+    return args.output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; a ConversionError is one line on stderr and exit status 1."""
+    args = build_parser().parse_args(argv)
+    for module in (r"megatron\..*", r"torch\..*", r"flagscale\.train\..*"):  # their deprecation chatter
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+    start = time.perf_counter()
+    try:
+        output = convert(args)
+    except ConversionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"done in {time.perf_counter() - start:.1f}s; serve it, e.g.: flagscale serve tiny_gpt --model-path {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
