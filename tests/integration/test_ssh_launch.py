@@ -59,7 +59,7 @@ def _record(exp: Path) -> dict:
 
 
 def test_launch_query_stop_two_hosts(cluster: SSHCluster, tiny_data: Path, tmp_path: Path) -> None:
-    hostfile = cluster.hostfile(tmp_path / "hostfile.txt")
+    hostfile = cluster.hostfile(tmp_path / "hostfile.txt", servers=cluster.servers[:2])
     evil = "$(touch /tmp/flagscale_ssh_pwned) a'b `id` \"q\""
     proc = _light(cluster, tiny_data, tmp_path, hostfile, f"+train.system.wandb_exp_name='{_escape(evil)}'")
     assert proc.returncode == 0, proc.stderr
@@ -97,7 +97,7 @@ def test_unreachable_host_fails_launch_and_leaves_nothing(cluster: SSHCluster, t
 
 
 def test_before_start_failure_names_host(cluster: SSHCluster, tiny_data: Path, tmp_path: Path) -> None:
-    hostfile = cluster.hostfile(tmp_path / "hostfile.txt")
+    hostfile = cluster.hostfile(tmp_path / "hostfile.txt", servers=cluster.servers[:2])
     proc = _light(cluster, tiny_data, tmp_path, hostfile, "+experiment.cmds.before_start='exit 42'")
     assert proc.returncode != 0
     assert "127.0.0.2" in proc.stderr and "status 42" in proc.stderr
@@ -129,7 +129,7 @@ def _escape(value: str) -> str:
 
 
 def test_no_shared_fs_copies_scripts_and_streams_logs(cluster: SSHCluster, tiny_data: Path, tmp_path: Path) -> None:
-    hostfile = cluster.hostfile(tmp_path / "hostfile.txt")
+    hostfile = cluster.hostfile(tmp_path / "hostfile.txt", servers=cluster.servers[:2])
     proc = _light(cluster, tiny_data, tmp_path, hostfile, "+experiment.runner.no_shared_fs=true")
     assert proc.returncode == 0, proc.stderr
     _sleepers(tmp_path, 2)
