@@ -77,7 +77,7 @@ def main() -> None:
             for kind in ("run.py", "bare"):
                 exp = work / f"{kind}_{repeat}"
                 overrides = [*tiny_overrides(work / "data", exp, train_iters=args.iters, eval_interval=1000),
-                             "train.system.checkpoint.save_interval=100000", "train.system.checkpoint.save=null",
+                             "train.system.checkpoint.save_interval=null", "train.system.checkpoint.save=null",
                              "train.system.checkpoint.load=null"]
                 started = time.time()
                 metrics = through_run_py(overrides, exp) if kind == "run.py" else bare_torchrun(overrides, exp)

@@ -69,7 +69,7 @@ def describe(summary: MetricsSummary | None) -> str:
 
 
 def follow_progress(console: Console, read: Callable[[], MetricsSummary | None], poll: Callable[[], JobState],
-                    interval: float = 1.0) -> JobState:
+                    interval: float = 2.0) -> JobState:
     """Show progress from the metrics (`read`) until `poll` reports a terminal state."""
     seen = 0
     with _progress(console) as progress:
