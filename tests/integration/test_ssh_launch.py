@@ -61,7 +61,9 @@ def _record(exp: Path) -> dict:
 def test_launch_query_stop_two_hosts(cluster: SSHCluster, tiny_data: Path, tmp_path: Path) -> None:
     hostfile = cluster.hostfile(tmp_path / "hostfile.txt", servers=cluster.servers[:2])
     evil = "$(touch /tmp/flagscale_ssh_pwned) a'b `id` \"q\""
-    proc = _light(cluster, tiny_data, tmp_path, hostfile, f"+train.system.wandb_exp_name='{_escape(evil)}'")
+    marker = tmp_path / "after_stop"
+    proc = _light(cluster, tiny_data, tmp_path, hostfile, f"+train.system.wandb_exp_name='{_escape(evil)}'",
+                  f"+experiment.cmds.after_stop='echo ran >> {marker}'")
     assert proc.returncode == 0, proc.stderr
     sleepers = _sleepers(tmp_path, 2)
     for sleeper in sleepers:  # the value reached each remote process literally
@@ -77,6 +79,7 @@ def test_launch_query_stop_two_hosts(cluster: SSHCluster, tiny_data: Path, tmp_p
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert not pids_alive([s["pid"] for s in sleepers])
     assert not group_members([h["pgid"] for h in record["hosts"]])
+    assert marker.read_text().split() == ["ran", "ran"]  # cmds.after_stop ran once on each host
     again = run_py(*TINY_CONF, f"experiment.exp_dir={tmp_path}", "action=stop", env=cluster.env)
     assert again.returncode == 0 and "already stopped" in again.stdout
 
