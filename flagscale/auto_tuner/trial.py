@@ -25,7 +25,7 @@ from flagscale.config.flatten import flatten_leaves
 from flagscale.config.loader import ConfigSource, JobConfig
 from flagscale.config.schema import ExperimentConfig, build
 from flagscale.exceptions import FlagScaleError
-from flagscale.launcher.launcher import Launcher, job_state
+from flagscale.launcher.launcher import Launcher
 from flagscale.record import HostRecord, JobRecord, JobState
 from flagscale.runner import actions
 from flagscale.runner.metrics import parse_metrics
@@ -121,7 +121,7 @@ def run_trial(run: TrialRun, control: ControlConfig, time_limit_s: float,
 def _watch(launcher: Launcher, record: JobRecord, began: float, limit_s: float, poll_s: float,
            on_poll: Callable[[str], None]) -> tuple[JobState, bool]:
     while True:
-        state = job_state(launcher.status(record), record.stop_requested_at is not None)
+        state = launcher.job_state(record)
         if state.is_terminal():
             return state, False
         if time.time() - began > limit_s:

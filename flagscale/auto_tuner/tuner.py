@@ -35,7 +35,6 @@ from flagscale.auto_tuner.workload import Workload, parse_train_args, program_pr
 from flagscale.config.hostfile import Host
 from flagscale.config.loader import JobConfig, select_hosts
 from flagscale.exceptions import ConfigError, FlagScaleError
-from flagscale.launcher.launcher import job_state
 from flagscale.record import JobState, load_record
 from flagscale.runner import actions
 from flagscale.runner.base import PlanContext
@@ -271,7 +270,7 @@ def stop_orphan_trials(directory: Path, history: History) -> None:
         try:
             record = load_record(trial_dir)
             with actions.make_launcher(record.settings) as launcher:
-                state = job_state(launcher.status(record), record.stop_requested_at is not None)
+                state = launcher.job_state(record)
         except FlagScaleError:
             continue
         if state in (JobState.RUNNING, JobState.UNKNOWN):

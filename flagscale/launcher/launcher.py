@@ -194,6 +194,10 @@ class Launcher:
                 copied.append(str(local))
         return copied
 
+    def job_state(self, record: JobRecord) -> JobState:
+        """The recorded job's state now, from every host."""
+        return job_state(self.status(record), record.stop_requested_at is not None)
+
     def status(self, record: JobRecord) -> list[HostStatus]:
         results = parallel(record.hosts, self._status_one)
         return [

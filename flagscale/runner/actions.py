@@ -134,7 +134,7 @@ def _wait_ready(launcher: Launcher, record: JobRecord, ready: ReadyCheck) -> Non
             pending = [url for url in ready.urls if not _answers(url)]
             if not pending:
                 return
-            state = job_state(launcher.status(record), False)
+            state = launcher.job_state(record)
             if state.is_terminal() or time.time() > deadline:
                 launcher.stop(record, record.settings["stop_timeout"])
                 record.save()
@@ -159,8 +159,7 @@ def test(job: JobConfig) -> int:
     console.print(f"started {record.run_id}; log: {record.hosts[0].log_path}")
     with make_launcher(record.settings) as launcher:
         try:
-            state = follow_progress(console, lambda: _metrics(launcher, record),
-                                    lambda: job_state(launcher.status(record), record.stop_requested_at is not None))
+            state = _follow(launcher, record)
         except KeyboardInterrupt:
             console.print("interrupted: stopping the job")
             launcher.stop(record, record.settings["stop_timeout"])
@@ -170,6 +169,11 @@ def test(job: JobConfig) -> int:
         summary = _metrics(launcher, record)
         launcher.collect_logs(record)
     return _finish(record, state, statuses, summary)
+
+
+def _follow(launcher: Launcher, record: JobRecord) -> JobState:
+    """Live progress until the job ends; returns its final state."""
+    return follow_progress(console, lambda: _metrics(launcher, record), lambda: launcher.job_state(record))
 
 
 def _metrics(launcher: Launcher, record: JobRecord) -> MetricsSummary | None:
@@ -250,8 +254,7 @@ def watch_job(exp_dir: str | Path) -> int:
     record = load_record(exp_dir)
     with make_launcher(record.settings) as launcher:
         try:
-            state = follow_progress(console, lambda: _metrics(launcher, record),
-                                    lambda: job_state(launcher.status(record), record.stop_requested_at is not None))
+            state = _follow(launcher, record)
         except KeyboardInterrupt:
             return 0
         summary = _metrics(launcher, record)
@@ -273,7 +276,7 @@ def _refuse_if_running(job: JobConfig) -> None:
     except JobRecordError:
         return
     with make_launcher(previous.settings) as launcher:
-        state = job_state(launcher.status(previous), previous.stop_requested_at is not None)
+        state = launcher.job_state(previous)
     if state in (JobState.RUNNING, JobState.UNKNOWN):
         raise FlagScaleError(
             f"job {previous.run_id} in {job.exp_dir} is {state.value}; stop it first "

@@ -16,6 +16,7 @@ from flagscale.launcher.launcher import Launcher, job_state
 from flagscale.launcher.transport import SSHSettings
 from flagscale.record import JobState, load_record
 from flagscale.runner.plan import Plan, ProcessSpec
+from tests.conftest import pids_alive
 
 pytestmark = pytest.mark.integration
 
@@ -45,14 +46,6 @@ def _launcher() -> Launcher:
     return Launcher(ssh=SSHSettings(), python=sys.executable)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_stop_ends_children_in_their_own_sessions(tmp_path: Path) -> None:
     pid_file = tmp_path / "child.pid"
     plan = _plan(tmp_path, [sys.executable, "-c", SPAWNER, str(pid_file)])
@@ -70,7 +63,7 @@ def test_stop_ends_children_in_their_own_sessions(tmp_path: Path) -> None:
         assert child in statuses[0].pids
         results = launcher.stop(load_record(tmp_path), timeout=5)
     assert results[0].found >= 3 and not results[0].remaining
-    assert not _alive(child) and not _alive(record.hosts[0].pgid)
+    assert not pids_alive([child, record.hosts[0].pgid])
 
 
 def test_completed_job_and_literal_env(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from flagscale.launcher import hostctl
 from tests.conftest import REPO, TINY_CONF, group_members, pids_alive, run_py, tiny_overrides
 
 pytestmark = pytest.mark.integration
@@ -25,25 +26,6 @@ def _metrics(exp: Path) -> list[dict]:
     return [json.loads(line) for line in files[-1].read_text().splitlines()] if files else []
 
 
-def _tree(pgid: int) -> list[int]:
-    """Every live process in the job's session/group and all their descendants."""
-    procs = {}
-    for name in Path("/proc").iterdir():
-        if name.name.isdigit():
-            try:
-                fields = (name / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            procs[int(name.name)] = (int(fields[1]), int(fields[2]), int(fields[3]), fields[0])
-    members = {pid for pid, (_, pg, sid, state) in procs.items() if (pg == pgid or sid == pgid) and state != "Z"}
-    grew = True
-    while grew:
-        new = {pid for pid, (ppid, *_rest) in procs.items() if ppid in members and pid not in members}
-        members |= new
-        grew = bool(new)
-    return sorted(members)
-
-
 def test_run_query_stop_leaves_no_process(tiny_data: Path, tmp_path: Path) -> None:
     overrides = tiny_overrides(tiny_data, tmp_path, train_iters=5000, **SMALL)
     proc = run_py(*TINY_CONF, "action=run", *overrides, "train.system.checkpoint.save_interval=5")
@@ -55,7 +37,7 @@ def test_run_query_stop_leaves_no_process(tiny_data: Path, tmp_path: Path) -> No
     while time.time() < deadline and not any(e.get("event") == "checkpoint" for e in _metrics(tmp_path)):
         time.sleep(1)
     assert any(e.get("event") == "checkpoint" for e in _metrics(tmp_path)), "no checkpoint saved in time"
-    tree = _tree(pgid)
+    tree = sorted(hostctl._tree(pgid))  # the job's whole tree, checkpoint helpers included
     assert len(tree) >= 4  # bash, torchrun, 2 workers (+ checkpoint helpers)
 
     query = run_py(*TINY_CONF, f"experiment.exp_dir={tmp_path}", "action=query")
