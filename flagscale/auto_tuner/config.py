@@ -2,7 +2,9 @@
 what to maximise (`performance`) and an optional per-process memory budget (`memory_model`).
 
 Built with `flagscale.config.schema.build`, so an unknown key is an error that suggests the
-closest known one, exactly like the rest of the experiment schema.
+closest known one, exactly like the rest of the experiment schema. Upstream FlagScale's keys for
+the same things (`control.max_time_per_task`, `space.use_recompute`, `memory_model.gpu_memory`, ...)
+load too: `upstream.translate` renames them, and `AutoTunerConfig.notes` says what was read how.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from flagscale.config.schema import build
+from flagscale.auto_tuner import upstream
+from flagscale.config.schema import build, unknown_key_message
 from flagscale.exceptions import ConfigError
 
 AUTO = "auto"
@@ -36,7 +39,7 @@ class SpaceConfig:
     expert_model_parallel_size: list[Any] | str | None = None
     """Expert parallel sizes; only for models with experts (num_experts)."""
     sequence_parallel: list[Any] | str | None = None
-    """Sequence parallelism on/off (only with tp > 1; needs CUDA)."""
+    """Sequence parallelism on/off (needs CUDA; with tp 1 Megatron switches it off, so it is tried as off)."""
     num_layers_per_virtual_pipeline_stage: list[Any] | str | None = None
     """Layers per virtual pipeline stage (interleaved 1F1B; only with pp > 1); null = no interleaving."""
     micro_batch_size: list[Any] | str | None = AUTO
@@ -137,6 +140,9 @@ class MemoryModelConfig:
     the interpreter + torch + Megatron resident set on CPU."""
     vocab_size: int | None = None
     """Tokenizer vocabulary (default: read from train.*.tokenizer_model or vocab_size)."""
+    utilization: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    """[min, max] fractions of device_memory_mb a candidate's estimate must lie between (upstream's
+    gpu_utilization): above max it would not fit, below min it leaves the device underused."""
 
     def __post_init__(self) -> None:
         if self.device_memory_mb <= 0 or self.baseline_mb < 0:
@@ -144,6 +150,15 @@ class MemoryModelConfig:
         if self.baseline_mb >= self.device_memory_mb:
             raise ConfigError(f"experiment.auto_tuner.memory_model.baseline_mb ({self.baseline_mb}) leaves no room "
                               f"in device_memory_mb ({self.device_memory_mb}); lower baseline_mb")
+        low_high = self.utilization
+        if (len(low_high) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in low_high)
+                or not 0 <= low_high[0] < low_high[1] <= 1):
+            raise ConfigError(f"experiment.auto_tuner.memory_model.utilization must be [min, max] with "
+                              f"0 <= min < max <= 1 (e.g. [0.5, 0.9]), got {low_high!r}")
+
+    def bounds_mb(self) -> tuple[float, float]:
+        """The (lowest, highest) memory estimate a candidate may have."""
+        return self.utilization[0] * self.device_memory_mb, self.utilization[1] * self.device_memory_mb
 
 
 @dataclass(slots=True, kw_only=True)
@@ -155,15 +170,37 @@ class AutoTunerConfig:
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     memory_model: MemoryModelConfig | None = None
     """Optional: prune candidates whose memory estimate exceeds device_memory_mb."""
+    notes: list[str] = field(default_factory=list)
+    """Not a key: how upstream FlagScale's keys in the block were read (the tuner prints them)."""
+
+
+SECTIONS: dict[str, type] = {"space": SpaceConfig, "control": ControlConfig, "performance": PerformanceConfig,
+                             "memory_model": MemoryModelConfig}
+
+
+def check_keys(block: Mapping[str, Any]) -> None:
+    """Unknown keys (neither this tuner's nor upstream's) are errors suggesting the closest of both."""
+    known = [*SECTIONS, *upstream.SECTION_KEYS[""]]
+    for key, value in block.items():
+        if key not in known:
+            raise ConfigError(unknown_key_message(f"experiment.auto_tuner.{key}", key, known))
+        if key in SECTIONS and isinstance(value, Mapping):
+            section = [f.name for f in fields(SECTIONS[key])] + list(upstream.SECTION_KEYS.get(key, ()))
+            for name in value:
+                if name not in section:
+                    raise ConfigError(unknown_key_message(f"experiment.auto_tuner.{key}.{name}", name, section))
 
 
 def load_tuner_config(block: Mapping[str, Any] | None) -> AutoTunerConfig:
-    """Validate `experiment.auto_tuner` (None = every default, which needs no memory model)."""
+    """Validate `experiment.auto_tuner` (None = every default, which needs no memory model); upstream
+    FlagScale's keys are read as this tuner's (see upstream.py) and noted in `notes`."""
     if block is not None and not isinstance(block, Mapping):
         raise ConfigError(f"experiment.auto_tuner must be a mapping, got {block!r}")
-    data = dict(block or {})
+    check_keys(block or {})
+    data, notes = upstream.translate(block or {})
     memory = data.pop("memory_model", None)  # build() takes a dataclass or None, not an optional dataclass
     config: AutoTunerConfig = build(AutoTunerConfig, data, "experiment.auto_tuner")
+    config.notes = notes
     if memory is not None:
         if not isinstance(memory, Mapping):
             raise ConfigError(f"experiment.auto_tuner.memory_model must be a mapping, got {memory!r}")

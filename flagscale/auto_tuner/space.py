@@ -1,10 +1,12 @@
 """The search space: a Candidate is one parallel strategy; `generate` expands the `space` block
 (`auto` ranges, explicit lists, or the config's own value) into every combination. Validity is
-not judged here (see rules.py): data parallel size is derived, the rest is a plain product."""
+not judged here (see rules.py): data parallel size is derived, the rest is a plain product in
+which settings that change nothing are spelled as their plain equivalent (`canonical`)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 from dataclasses import dataclass, fields
 from typing import Any
@@ -195,5 +197,25 @@ def generate(space: SpaceConfig, work: Workload, current: dict[str, Any]) -> lis
             vpp_layers=vpl, mbs=int(mbs), recompute=gran, recompute_method=method, recompute_layers=layers,
             dist_opt=bool(dist),
         )
+        candidate = canonical(candidate, work)
         seen.setdefault(candidate.key, candidate)
     return list(seen.values())
+
+
+def canonical(c: Candidate, work: Workload) -> Candidate:
+    """c with the settings that change nothing spelled as their plain equivalent, as Megatron-LM treats them:
+    sequence parallelism with tp 1 (switched off), the distributed optimizer with no data parallel ranks to
+    shard over, a virtual pipeline of one chunk per rank, recompute_num_layers beyond a model chunk."""
+    changes: dict[str, Any] = {}
+    if c.sp and c.tp == 1:
+        changes["sp"] = False
+    if c.dist_opt and c.dp * c.cp == 1 and not work.overlap_param_gather:  # that flag needs it set
+        changes["dist_opt"] = False
+    even = work.first_stage_layers is None and work.last_stage_layers is None and work.num_layers % c.pp == 0
+    stage_layers = work.num_layers // c.pp if even else None
+    if c.vpp_layers and c.pp > 1 and c.vpp_layers == stage_layers:
+        changes["vpp_layers"] = None
+    chunk_layers = changes.get("vpp_layers", c.vpp_layers) or stage_layers
+    if c.recompute == "full" and chunk_layers and (c.recompute_layers or 0) > chunk_layers:
+        changes["recompute_layers"] = chunk_layers
+    return dataclasses.replace(c, **changes) if changes else c

@@ -6,6 +6,7 @@ Everything lives under `<exp_dir>/auto_tuner/`; a second invocation resumes from
 from __future__ import annotations
 
 import copy
+import re
 import shlex
 import shutil
 import time
@@ -113,13 +114,26 @@ class Tuner:
                 continue
             plan.all_valid.append(c)
             plan.estimates[c.key] = estimate(c, self.work, baseline)
-            peak = plan.estimates[c.key].peak_mb
-            if memory and peak > memory.device_memory_mb:
-                plan.memory_pruned[c.key] = (f"pruned: memory estimate {peak:,.1f} MB > device_memory_mb "
-                                             f"{memory.device_memory_mb:,.1f} MB")
+            fate = self._memory_fate(plan.estimates[c.key].peak_mb)
+            if fate:
+                plan.memory_pruned[c.key] = fate
             else:
                 plan.candidates.append(c)
         return plan
+
+    def _memory_fate(self, peak: float) -> str | None:
+        """Why a candidate with this memory estimate never runs (None: it may)."""
+        memory = self.config.memory_model
+        if memory is None:
+            return None
+        low, high = memory.bounds_mb()
+        share = "" if memory.utilization[1] == 1 else f"{memory.utilization[1]:g} × "
+        if peak > high:
+            return f"pruned: memory estimate {peak:,.1f} MB > {share}device_memory_mb {memory.device_memory_mb:,.1f} MB"
+        if peak < low:
+            return (f"pruned: memory estimate {peak:,.1f} MB < {memory.utilization[0]:g} × device_memory_mb "
+                    f"{memory.device_memory_mb:,.1f} MB (utilization min)")
+        return None
 
     def _program_problems(self, c: Candidate) -> list[str]:
         """What the training program's own argument check says about the trial config."""
@@ -144,8 +158,8 @@ class Tuner:
         plan = self.plan()
         self._print_plan(plan, history)
         if not plan.candidates:
-            raise ConfigError("no candidate is left to try (all invalid or over the memory budget); "
-                              "widen experiment.auto_tuner.space or raise memory_model.device_memory_mb")
+            raise ConfigError("no candidate is left to try (all invalid or outside the memory budget); "
+                              "widen experiment.auto_tuner.space or adjust memory_model.device_memory_mb/utilization")
         profile = PROFILES[cost_profile(self.config.performance.cost_model, self.hosts, self.work)]
         search = Search(plan.candidates, Predictor(self.work, profile), self.config.control.stop_margin)
         try:
@@ -180,13 +194,15 @@ class Tuner:
                 view.finish(history.results[-1])
 
     def _print_plan(self, plan: Plan, history: History) -> None:
-        reasons = Counter(problems[0].split(" (")[0][:70] for problems in plan.invalid.values())
+        reasons = Counter(re.sub(r"\d+", "N", problems[0])[:90] for problems in plan.invalid.values())
         console.print(f"[bold]auto-tune[/] {self.base.experiment.exp_name}: world size {self.world}, "
                       f"{len(plan.all_valid) + len(plan.invalid)} candidates, {len(plan.invalid)} invalid, "
                       f"{len(plan.memory_pruned)} over the memory budget, {len(plan.candidates)} to search"
                       + (f"; resuming after {len(history.results)} recorded trial(s)" if history.results else ""))
         for reason, count in reasons.most_common(6):
-            console.print(f"  invalid ×{count}: {reason}")
+            console.print(f"  invalid ×{count}: {reason}", markup=False)
+        for note in self.config.notes:
+            console.print(f"  note: {note}", markup=False)
         console.print(f"  history: {history.path}")
 
     def _finish(self, plan: Plan, history: History, search: Search, reason: str) -> int:

@@ -49,6 +49,8 @@ class Workload:
     """--accumulate-allreduce-grads-in-fp32."""
     optimizer: str = "adam"
     device: str = "auto"
+    overlap_param_gather: bool = False
+    """The job's own setting (not searched); the layout rules check it against each candidate."""
     num_experts: int | None = None
     first_stage_layers: int | None = None
     """Uneven pipeline split: layers on the first stage (decoder_first_pipeline_num_layers)."""
@@ -111,7 +113,8 @@ def workload_from_task(task: dict[str, Any], world_size: int, vocab_size: int | 
         max_position_embeddings=args.max_position_embeddings, add_bias=not args.disable_bias_linear,
         layernorm=args.normalization == "LayerNorm", attention_dropout=args.attention_dropout,
         hidden_dropout=args.hidden_dropout, precision=precision, grads_in_fp32=args.accumulate_allreduce_grads_in_fp32,
-        optimizer=args.optimizer, device=args.device, num_experts=extra.get("num_experts"),
+        optimizer=args.optimizer, device=args.device, overlap_param_gather=args.overlap_param_gather,
+        num_experts=extra.get("num_experts"),
         first_stage_layers=extra.get("decoder_first_pipeline_num_layers"),
         last_stage_layers=extra.get("decoder_last_pipeline_num_layers"),
     )

@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from functools import cache
 
+from flagscale.config import layout as parallel_layout
 from flagscale.exceptions import ConfigError
 
 TOKENIZER_TYPES = ("HuggingFaceTokenizer", "NullTokenizer")
@@ -264,7 +265,8 @@ def validate(args: argparse.Namespace, world_size: int | None) -> None:
     """Raise ConfigError listing every inconsistent setting (torch-free; the launcher calls it)."""
     problems = [
         *_model_problems(args),
-        *_parallel_problems(args, world_size),
+        *_layout_problems(args, world_size),
+        *_precision_problems(args),
         *_training_problems(args),
         *_data_problems(args),
     ]
@@ -280,19 +282,14 @@ def _model_problems(args: argparse.Namespace) -> list[str]:
     problems = _required(args, ("num_layers", "hidden_size", "num_attention_heads", "seq_length"))
     if problems:
         return problems
-    heads, tp = args.num_attention_heads, args.tensor_model_parallel_size
+    heads = args.num_attention_heads
     if args.kv_channels is None and args.hidden_size % heads:
         problems.append(
             f"hidden_size ({args.hidden_size}) is not divisible by num_attention_heads ({heads}); set kv_channels"
         )
-    if tp > 0 and heads % tp:
-        problems.append(f"num_attention_heads ({heads}) is not divisible by tensor_model_parallel_size ({tp})")
     groups = args.num_query_groups if args.group_query_attention else None
-    if groups is not None and (heads % groups or (tp > 0 and groups % tp)):
-        problems.append(
-            f"num_query_groups ({groups}) must divide num_attention_heads ({heads}) "
-            f"and be divisible by tensor_model_parallel_size ({tp})"
-        )
+    if groups is not None and (groups < 1 or heads % groups):
+        problems.append(f"num_query_groups ({groups}) does not divide num_attention_heads ({heads})")
     if args.group_query_attention and groups is None:
         problems.append("group_query_attention needs num_query_groups")
     max_pos = args.max_position_embeddings
@@ -301,53 +298,30 @@ def _model_problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def _parallel_problems(args: argparse.Namespace, world_size: int | None) -> list[str]:
-    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
-    if min(tp, pp, cp) < 1:
-        return ["tensor/pipeline/context parallel sizes must be >= 1"]
-    problems = []
-    if world_size is not None and world_size % (tp * pp * cp):
-        problems.append(
-            f"tensor_model_parallel_size ({tp}) × pipeline_model_parallel_size ({pp}) × context_parallel_size ({cp}) "
-            f"= {tp * pp * cp} does not divide the world size {world_size} (nnodes × nproc_per_node)"
-        )
-    elif world_size is not None:
-        problems += _batch_problems(args, world_size // (tp * pp * cp))
-    if args.num_layers is not None:
-        problems += _layer_problems(args, pp)
-    if cp > 1:  # Megatron-Core's local DotProductAttention asserts context_parallel_size == 1
-        problems.append("context_parallel_size > 1 needs TransformerEngine attention (not used here); set it to 1")
-    if args.sequence_parallel and args.device == "cpu":
-        problems.append(SEQUENCE_PARALLEL_ON_CPU)
-    if args.overlap_param_gather and not args.use_distributed_optimizer:
-        problems.append("overlap_param_gather needs use_distributed_optimizer")
-    if args.fp16 and args.bf16:
-        problems.append("fp16 and bf16 are both set; choose one")
-    return problems
+def _layout_problems(args: argparse.Namespace, world_size: int | None) -> list[str]:
+    """Parallel sizes, layers per pipeline stage and batch sizes: the rules the auto-tuner prunes by too."""
+    return parallel_layout.problems(layout_of(args), model_shape_of(args), world_size, args.device)
 
 
-SEQUENCE_PARALLEL_ON_CPU = (
-    "sequence_parallel needs CUDA (Apex/TransformerEngine LayerNorm); set sequence_parallel: false"
-)
+def layout_of(args: argparse.Namespace) -> parallel_layout.Layout:
+    """The parallel layout the arguments ask for."""
+    return parallel_layout.Layout.from_values(vars(args))
 
 
-def _layer_problems(args: argparse.Namespace, pp: int) -> list[str]:
-    layers = args.num_layers
-    if layers % pp:
-        return [f"num_layers ({layers}) is not divisible by pipeline_model_parallel_size ({pp})"]
-    vpp, per_stage = args.virtual_pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
-    if vpp is not None and per_stage is not None:
-        return ["set only one of virtual_pipeline_model_parallel_size and num_layers_per_virtual_pipeline_stage"]
-    if per_stage is not None and (layers // pp) % per_stage:
-        return [
-            f"layers per pipeline stage ({layers // pp}) is not divisible by "
-            f"num_layers_per_virtual_pipeline_stage ({per_stage})"
-        ]
-    if vpp is not None and layers % (pp * vpp):
-        return [f"num_layers ({layers}) is not divisible by pipeline × virtual pipeline size ({pp} × {vpp})"]
-    if (vpp or per_stage) and pp == 1:
-        return ["virtual pipeline stages need pipeline_model_parallel_size > 1"]
-    return []
+def model_shape_of(args: argparse.Namespace) -> parallel_layout.ModelShape:
+    """The model facts the layout rules read, with Megatron-LM's defaults for unset ones."""
+    values = dict(vars(args))
+    values["num_query_groups"] = args.num_query_groups if args.group_query_attention else None
+    if args.ffn_hidden_size is None and args.hidden_size is not None:
+        values["ffn_hidden_size"] = _default_ffn(args)
+    return parallel_layout.ModelShape.from_values(values)
+
+
+SEQUENCE_PARALLEL_ON_CPU = parallel_layout.SEQUENCE_PARALLEL_ON_CPU
+
+
+def _precision_problems(args: argparse.Namespace) -> list[str]:
+    return ["fp16 and bf16 are both set; choose one"] if args.fp16 and args.bf16 else []
 
 
 def _training_problems(args: argparse.Namespace) -> list[str]:
@@ -367,7 +341,7 @@ def _training_problems(args: argparse.Namespace) -> list[str]:
     if args.save_interval is not None and args.save is None:
         problems.append("save_interval needs save (a checkpoint directory)")
     problems += [
-        f"{n} must be > 0" for n in ("log_interval", "eval_interval", "micro_batch_size") if getattr(args, n) <= 0
+        f"{n} must be > 0" for n in ("log_interval", "eval_interval") if getattr(args, n) <= 0
     ]
     return problems
 
@@ -386,17 +360,6 @@ def _data_problems(args: argparse.Namespace) -> list[str]:
     if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
         problems.append("tokenizer_type NullTokenizer needs vocab_size")
     return problems
-
-
-def _batch_problems(args: argparse.Namespace, data_parallel_size: int) -> list[str]:
-    """Global batch vs micro batch × data parallel size."""
-    gbs, unit = args.global_batch_size, args.micro_batch_size * data_parallel_size
-    if gbs is not None and gbs % unit:
-        return [
-            f"global_batch_size ({gbs}) is not divisible by micro_batch_size ({args.micro_batch_size}) "
-            f"× data parallel size ({data_parallel_size})"
-        ]
-    return []
 
 
 def _rope(args: argparse.Namespace) -> bool:

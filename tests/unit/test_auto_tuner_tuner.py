@@ -97,18 +97,31 @@ def test_unknown_auto_tuner_key_via_run_py(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "did you mean 'max_trials'?" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_candidates_the_program_rejects_are_dropped_without_a_trial(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_candidates_against_the_jobs_own_settings_are_invalid_before_any_trial(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeTrials()
     monkeypatch.setattr(tuner_module, "run_trial", fake)
     tuner_job = job(tmp_path, "+train.system.use_distributed_optimizer=true", "+train.system.overlap_param_gather=true",
                     "++experiment.auto_tuner.space.use_distributed_optimizer=[true,false]",
                     "experiment.auto_tuner.space.recompute_granularity=null")
+    plan = tuner_module.Tuner(tuner_job).plan()
+    assert plan.invalid and all(problems == ["overlap_param_gather needs use_distributed_optimizer"]
+                                for problems in plan.invalid.values())
+    assert plan.candidates and all(c.dist_opt for c in plan.candidates)  # dp 1 too: overlap_param_gather needs it
     assert tuner_module.auto_tune(tuner_job) == 0
     assert fake.runs and all(run.candidate.dist_opt for run in fake.runs)
+
+
+def test_candidates_the_program_rejects_are_dropped_without_a_trial(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeTrials()
+    monkeypatch.setattr(tuner_module, "run_trial", fake)
+    monkeypatch.setattr(tuner_module, "program_problems",
+                        lambda task, world: ["refused here"] if task["model"]["micro_batch_size"] == 8 else [])
+    assert tuner_module.auto_tune(job(tmp_path, "experiment.auto_tuner.space.recompute_granularity=null")) == 0
+    assert fake.runs and all(run.candidate.mbs != 8 for run in fake.runs)
     summary = {row["strategy"]: row["fate"] for row in csv.DictReader((tmp_path / "auto_tuner/summary.csv").open())}
-    dropped = [fate for fate in summary.values() if fate.startswith("invalid: arguments:")]
-    assert dropped and all("overlap_param_gather needs use_distributed_optimizer" in fate for fate in dropped)
+    assert summary["dp2 tp1 pp1 mbs8"] == "invalid: arguments: refused here"
 
 
 def test_a_huge_space_is_refused(tmp_path: Path) -> None:
@@ -121,3 +134,23 @@ def test_a_huge_space_is_refused(tmp_path: Path) -> None:
                             "num_layers": 64, "global_batch_size": 1024})
     with pytest.raises(ConfigError, match="give lists instead of 'auto'"):
         generate(everything, big, CURRENT)
+
+
+def test_upstream_keys_are_read_and_noted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(tuner_module, "run_trial", FakeTrials())
+    tuner_job = job(tmp_path, "~experiment.auto_tuner.control.trial_timeout_s",
+                    "+experiment.auto_tuner.control.max_time_per_task=120",
+                    "+experiment.auto_tuner.space.use_recompute=[false]")
+    tuner = tuner_module.Tuner(tuner_job)
+    assert tuner.config.control.trial_timeout_s == 120 and tuner.config.space.recompute_granularity == [None]
+    assert tuner.run() == 0
+    out = capsys.readouterr().out
+    assert "note: experiment.auto_tuner.control.max_time_per_task (upstream) read as control.trial_timeout_s" in out
+
+
+def test_memory_utilization_bounds_prune_both_ways(tmp_path: Path) -> None:
+    tuner = tuner_module.Tuner(job(tmp_path, "+experiment.auto_tuner.memory_model.utilization=[0.5,1.0]"))
+    plan = tuner.plan()
+    assert not plan.candidates and plan.memory_pruned
+    assert all(fate.endswith("(utilization min)") for fate in plan.memory_pruned.values())

@@ -147,3 +147,18 @@ def test_samples_convert_to_iterations() -> None:
 
 def test_context_parallel_is_refused() -> None:
     assert "context_parallel_size > 1 needs TransformerEngine attention" in problems(2, "--context-parallel-size", "2")
+
+
+def test_layout_rules_shared_with_the_auto_tuner() -> None:
+    assert "ffn_hidden_size (301) is not divisible by tensor_model_parallel_size (2)" in problems(
+        2, "--tensor-model-parallel-size", "2", "--ffn-hidden-size", "301", "--micro-batch-size", "8")
+    assert "(global_batch_size / (micro_batch_size × data parallel size) = 1) divisible by pipeline" in problems(
+        2, "--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2",
+        "--micro-batch-size", "16")
+    assert "num_query_groups (3) does not divide num_attention_heads (4)" in problems(
+        1, "--group-query-attention", "--num-query-groups", "3")
+    assert "micro_batch_size (0) must be >= 1" in problems(1, "--micro-batch-size", "0")
+
+
+def test_sequence_parallel_without_tensor_parallel_is_switched_off_not_refused() -> None:
+    arguments.validate(parse("--sequence-parallel"), 2)  # Megatron-LM: a warning, tp 1 turns it off
