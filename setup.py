@@ -8,6 +8,6 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["flagscale", "flagscale.*"]),
-    package_data={"flagscale": ["py.typed"]},
+    package_data={"flagscale": ["py.typed", "config/data/*.json"]},
     entry_points={"console_scripts": ["flagscale=flagscale.cli:main"]},
 )
