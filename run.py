@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from flagscale.config.loader import ConfigSource
-from flagscale.main import HYDRA_QUIET, run_job
+from flagscale.main import HYDRA_QUIET, hydra_choices, hydra_quiet_overrides, run_job
 
 
 @hydra.main(version_base=None, config_path=None, config_name=None)
@@ -26,11 +26,11 @@ def main(cfg: DictConfig) -> None:
         None,
     )
     overrides = tuple(o for o in hydra_cfg.overrides.task if o not in HYDRA_QUIET)
-    source = ConfigSource(config_dir=config_dir, config_name=hydra_cfg.job.config_name, overrides=overrides)
+    source = ConfigSource(config_dir=config_dir, config_name=hydra_cfg.job.config_name, overrides=overrides,
+                          choices=hydra_choices(hydra_cfg.runtime.choices))
     sys.exit(run_job(cfg, source))
 
 
 if __name__ == "__main__":
-    if not any(arg.startswith("hydra.run.dir=") for arg in sys.argv):
-        sys.argv.extend(HYDRA_QUIET)
+    sys.argv.extend(hydra_quiet_overrides(sys.argv[1:]))
     main()

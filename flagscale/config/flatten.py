@@ -1,7 +1,9 @@
 """The one rule set that turns a nested config group into engine command-line arguments.
 
 `True` -> bare flag, `False`/`None` -> omitted, list -> repeated values after one flag,
-nested group names dropped (only leaves name arguments), a leaf name seen twice -> error.
+nested group names dropped (only leaves name arguments), dashed spellings (`seq-length`) are the
+same argument as underscored ones, and a leaf set twice follows argparse: the last one wins, and
+the caller is told about both places.
 """
 
 from __future__ import annotations
@@ -11,33 +13,40 @@ from typing import Any
 
 from flagscale.exceptions import ConfigError
 
+Leaves = dict[str, tuple[str, Any]]
+"""Argument name -> (dotted path where it was set, value)."""
+
 
 def option_name(key: str) -> str:
     """`tensor_model_parallel_size` -> `--tensor-model-parallel-size`."""
     return "--" + key.replace("_", "-")
 
 
-def flatten_leaves(group: Mapping[str, Any], prefix: str) -> dict[str, tuple[str, Any]]:
-    """Leaf name -> (dotted path, value) of a nested group; a leaf name used twice is an error."""
-    leaves: dict[str, tuple[str, Any]] = {}
+def leaf_name(key: str) -> str:
+    """A YAML key as an argument name: `seq-length` and `--seq-length` are `seq_length`."""
+    return str(key).lstrip("-").replace("-", "_")
+
+
+def flatten_leaves(
+    group: Mapping[str, Any], prefix: str, overridden: list[tuple[str, str, str]] | None = None
+) -> Leaves:
+    """Leaf name -> (dotted path, value) of a nested group, in argparse order (the last setting wins).
+
+    Each leaf set more than once is reported in `overridden` as (name, earlier path, winning path).
+    """
+    leaves: Leaves = {}
     for key, value in group.items():
         path = f"{prefix}.{key}"
         if isinstance(value, Mapping):
-            nested = flatten_leaves(value, path)
-            for name, item in nested.items():
-                _add_leaf(leaves, name, item)
+            nested = flatten_leaves(value, path, overridden)
         else:
-            _add_leaf(leaves, str(key), (path, value))
+            nested = {leaf_name(key): (path, value)}
+        for name, item in nested.items():
+            if name in leaves and overridden is not None:
+                overridden.append((name, leaves[name][0], item[0]))
+            leaves.pop(name, None)
+            leaves[name] = item
     return leaves
-
-
-def _add_leaf(leaves: dict[str, tuple[str, Any]], name: str, item: tuple[str, Any]) -> None:
-    if name in leaves:
-        raise ConfigError(
-            f"'{name}' is set twice ({leaves[name][0]} and {item[0]}); "
-            "group names are dropped when arguments are built, so keep one"
-        )
-    leaves[name] = item
 
 
 def to_argv(leaves: Mapping[str, tuple[str, Any]]) -> list[str]:

@@ -2,46 +2,70 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flagscale.config.hostfile import LOCALHOST, Host, parse_hostfile
-from flagscale.config.schema import ACTIONS, ExperimentConfig, build, unknown_key_message
+from flagscale.config.schema import (
+    ACTIONS,
+    RUNNER_TYPES,
+    TASK_TYPES,
+    UNSUPPORTED_TASKS,
+    DeployConfig,
+    ExperimentConfig,
+    RunnerConfig,
+    build,
+    unknown_key_message,
+)
+from flagscale.config.source_map import SourceMap, build_source_map
+from flagscale.config.vocabulary import coerce, normalize_key, torchrun_options
 from flagscale.exceptions import ConfigError
 
 TOP_LEVEL = ("action", "experiment", "train", "inference", "serve")
+# torchrun options the runner sets itself, and why a YAML may not.
+TORCHRUN_OWNED = {
+    "log_dir": "FlagScale keeps torchrun's logs under <exp_dir>/logs/<run id>/torchrun; remove it",
+    "standalone": "FlagScale sets the rendezvous itself (master_addr/master_port or rdzv_backend); remove it",
+    "module": "the entrypoint is experiment.task.entrypoint; remove it",
+    "run_path": "the entrypoint is experiment.task.entrypoint; remove it",
+    "no_python": "the entrypoint is experiment.task.entrypoint; remove it",
+    "training_script": "the entrypoint is experiment.task.entrypoint; remove it",
+    "training_script_args": "arguments come from the task YAML; remove it",
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConfigSource:
-    """Where a config came from, so errors can name the YAML file and line."""
+    """Where a config came from, so errors can name the YAML file and line that set a key."""
 
     config_dir: Path | None = None
     config_name: str | None = None
     overrides: tuple[str, ...] = ()
+    choices: tuple[tuple[str, str | None], ...] = ()
+    """The config group options Hydra chose (`train` -> `7b`), in Hydra's runtime order."""
 
     def locate(self, key: str) -> str:
-        """`file:line` of the YAML lines that set `key`, or the override that did."""
-        leaf = key.rsplit(".", 1)[-1]
-        for override in self.overrides:
-            if re.match(rf"^[+~]*{re.escape(key)}=", override):
-                return f"command-line override '{override}'"
-        if self.config_dir is None:
+        """`file:line` of the YAML line that set `key` (the last writer wins), or the override that did."""
+        if self.config_dir is None or self.config_name is None:
+            for override in self.overrides:
+                if re.match(rf"^[+~]*{re.escape(key)}=", override):
+                    return f"command-line override '{override}'"
             return "the composed config"
-        pattern = re.compile(rf"^\s*{re.escape(leaf)}\s*:")
-        hits = [
-            f"{path}:{number}"
-            for path in sorted(self.config_dir.rglob("*.yaml"))
-            for number, line in enumerate(path.read_text().splitlines(), start=1)
-            if pattern.match(line)
-        ]
-        return ", ".join(hits[:3]) if hits else "the composed config"
+        found = _source_map(self.config_dir, self.config_name, self.choices, self.overrides).locate(key)
+        return found or "the composed config"
+
+
+@cache
+def _source_map(config_dir: Path, name: str, choices: tuple, overrides: tuple[str, ...]) -> SourceMap:
+    return build_source_map(config_dir, name, dict(choices), overrides)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -51,6 +75,8 @@ class JobConfig:
     task: dict[str, Any]
     source: ConfigSource
     raw: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """Warnings found while loading (shown by dryrun and run)."""
 
     @property
     def exp_dir(self) -> Path:
@@ -63,11 +89,11 @@ class JobConfig:
 
 def load_job_config(cfg: DictConfig, source: ConfigSource) -> JobConfig:
     """Validate the experiment level; the task level is checked by its runner."""
-    try:
-        data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"cannot resolve the config: {err}".splitlines()[0]) from None
+    data = _resolve(cfg, source)
     for key in data:
+        if key in UNSUPPORTED_TASKS:
+            raise ConfigError(f"section '{key}' is for a task this project does not run (supported: "
+                              f"{', '.join(TASK_TYPES)}) (in {source.locate(key)})")
         if key not in TOP_LEVEL:
             raise ConfigError(f"{unknown_key_message(key, key, list(TOP_LEVEL))} (in {source.locate(key)})")
     action = str(data.get("action", "run"))
@@ -75,8 +101,10 @@ def load_job_config(cfg: DictConfig, source: ConfigSource) -> JobConfig:
         raise ConfigError(f"action={action} is not one of: {', '.join(ACTIONS)}")
     if not isinstance(data.get("experiment"), dict):
         raise ConfigError("the config has no 'experiment' section; compose an experiment YAML (see examples/)")
+    notes: list[str] = []
     try:
-        experiment = build(ExperimentConfig, data["experiment"], "experiment")
+        shaped = upstream_shape(data["experiment"], _referenced(cfg), notes)
+        experiment = build(ExperimentConfig, shaped, "experiment")
     except ConfigError as err:
         raise ConfigError(_with_location(str(err), source)) from None
     task_type = experiment.task.type
@@ -84,7 +112,92 @@ def load_job_config(cfg: DictConfig, source: ConfigSource) -> JobConfig:
     if action not in ("stop", "query") and not isinstance(task, (dict, list)):
         raise ConfigError(f"experiment.task.type is {task_type} but the config has no '{task_type}' section; "
                           f"add one via defaults (e.g. '- {task_type}: <size>')")
-    return JobConfig(action=action, experiment=experiment, task=task or {}, source=source, raw=data)
+    return JobConfig(action=action, experiment=experiment, task=task or {}, source=source, raw=data, notes=notes)
+
+
+def _resolve(cfg: DictConfig, source: ConfigSource) -> dict[str, Any]:
+    """The config with interpolations resolved; a placeholder or a broken one is a one-line error."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = str(getattr(err, "full_key", None) or "")
+        reason = str(err).splitlines()[0]
+        if not key:
+            raise ConfigError(f"cannot resolve the config: {reason}") from None
+        raw = _raw_value(cfg, key)
+        shown = f"{key}: '{raw}'" if raw is not None else key
+        kind = "is a placeholder to fill in" if "Unsupported interpolation type" in reason else "cannot be resolved"
+        raise ConfigError(f"{shown} {kind} ({reason}); set it, e.g. {key}=VALUE on the command line "
+                          f"(in {source.locate(key)})") from None
+
+
+def _raw_value(cfg: DictConfig, key: str) -> str | None:
+    node: Any = cfg
+    for part in key.split(".") if key else []:
+        try:
+            node = node._get_node(int(part) if isinstance(node, ListConfig) else part)
+        except (KeyError, ValueError, IndexError, OmegaConfBaseException):
+            return None
+        if node is None:
+            return None
+    return None if node is cfg else str(node._value())
+
+
+def _referenced(cfg: DictConfig) -> set[str]:
+    """Names X that the config uses as ${experiment.X} (user variables upstream keeps in `experiment`)."""
+    found: set[str] = set()
+    stack: list[Any] = [OmegaConf.to_container(cfg, resolve=False)]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            found.update(re.findall(r"\$\{experiment\.(\w+)", item))
+    return found
+
+
+def upstream_shape(experiment: dict[str, Any], referenced: set[str], notes: list[str]) -> dict[str, Any]:
+    """Upstream FlagScale's experiment mapping in our schema's shape: user variables set aside,
+    `experiment.deploy` moved under the runner, torchrun options gathered for pass-through."""
+    shaped = dict(experiment)
+    runner = dict(shaped.get("runner") or {})
+    if "deploy" in shaped:
+        runner.setdefault("deploy", shaped.pop("deploy"))
+        notes.append("experiment.deploy is upstream's old place for experiment.runner.deploy; read from there")
+    if runner or "runner" in shaped:
+        shaped["runner"] = _runner_shape(runner)
+    known = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"variables"}
+    variables = {}
+    for key in [k for k in shaped if k not in known]:
+        if key not in referenced:
+            raise ConfigError(unknown_key_message(f"experiment.{key}", key, sorted(known))
+                              + f"; a user variable in experiment is kept only if the YAML uses ${{experiment.{key}}}")
+        variables[key] = shaped.pop(key)
+    shaped["variables"] = variables
+    return shaped
+
+
+def _runner_shape(runner: dict[str, Any]) -> dict[str, Any]:
+    kind = runner.get("type", "ssh")
+    if kind not in RUNNER_TYPES:
+        raise ConfigError(f"experiment.runner.type '{kind}' is not supported (supported: {', '.join(RUNNER_TYPES)})")
+    if isinstance(runner.get("deploy"), dict):
+        DeployConfig.check_unsupported(runner["deploy"], "experiment.runner.deploy")
+    fields = {f.name for f in dataclasses.fields(RunnerConfig)}
+    options = torchrun_options()
+    passed = dict(runner.get("torchrun_args") or {})
+    for key in [k for k in runner if k not in fields and normalize_key(k) in options]:
+        name = normalize_key(key)
+        if name in TORCHRUN_OWNED:
+            raise ConfigError(f"experiment.runner.{key}: {TORCHRUN_OWNED[name]}")
+        value = runner.pop(key)
+        checked = coerce(options[name], value, f"experiment.runner.{key}")
+        passed[name] = checked if isinstance(value, str) else value
+    if passed:
+        runner["torchrun_args"] = passed
+    return runner
 
 
 def _with_location(message: str, source: ConfigSource) -> str:

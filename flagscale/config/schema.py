@@ -1,11 +1,15 @@
-"""The experiment-level schema (where and how a job runs). Unknown keys are errors that
-suggest the closest known key; the task level (`train.*`, `serve`, ...) is validated by
-each task's runner against its engine's own argument names."""
+"""The experiment-level schema (where and how a job runs), in upstream FlagScale's shape.
+
+Unknown keys are errors that suggest the closest known key; keys for things this project does not
+run (another task, runner type or serving mode) end in one line naming the key and what is supported.
+The task level (`train.*`, `serve`, ...) is validated by each task's runner against its engine's own
+argument names."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -16,24 +20,72 @@ from flagscale.exceptions import ConfigError
 
 ACTIONS = ("run", "dryrun", "test", "stop", "query", "auto_tune")
 TASK_TYPES = ("train", "inference", "serve")
+UNSUPPORTED_TASKS = ("compress", "rl")
+"""Upstream FlagScale task types this project does not run."""
+RUNNER_TYPES = ("ssh",)
+BACKENDS = {"train": ("megatron",), "inference": ("vllm",), "serve": ("vllm",)}
 
 
 @dataclass(slots=True, kw_only=True)
 class TaskSpec:
     type: str = "train"
     """What runs: train, inference or serve."""
-    backend: str = "megatron"
-    """The engine: megatron for train, vllm for inference/serve."""
+    backend: str | None = None
+    """The engine: megatron for train, vllm for inference/serve (the default of each)."""
     entrypoint: str | None = None
     """The program each rank runs (default: the task's own, e.g. flagscale/train/train_gpt.py)."""
 
     def __post_init__(self) -> None:
         if self.type not in TASK_TYPES:
-            raise ConfigError(f"experiment.task.type '{self.type}' is not one of {', '.join(TASK_TYPES)}")
+            kind = "is a task this project does not run" if self.type in UNSUPPORTED_TASKS else "is unknown"
+            raise ConfigError(f"experiment.task.type '{self.type}' {kind} (supported: {', '.join(TASK_TYPES)})")
+        backends = BACKENDS[self.type]
+        self.backend = self.backend or backends[0]
+        if self.backend not in backends:
+            raise ConfigError(f"experiment.task.backend '{self.backend}' is not supported for {self.type} "
+                              f"(supported: {', '.join(backends)})")
+
+
+# Upstream's serving options this project does not implement: each ends in one line naming the key.
+_UNSUPPORTED_DEPLOY = {
+    "name": "Ray Serve routes", "enable_composition": "composed Ray Serve pipelines",
+    "prefill_decode_disaggregation": "prefill/decode disaggregation", "prefill_num": "prefill/decode disaggregation",
+    "decode_num": "prefill/decode disaggregation", "prefill_decode_strategy": "prefill/decode disaggregation",
+    "request": "Ray Serve request schemas", "working_dir": "Ray Serve runtime environments",
+}
+
+
+@dataclass(slots=True, kw_only=True)
+class DeployConfig:
+    """Serve settings upstream keeps under `experiment.runner.deploy` (formerly `experiment.deploy`)."""
+
+    port: int | None = None
+    """The port every deployment listens on unless its engine_args.port says otherwise."""
+    engine: str | None = None
+    """The serving engine of deployments that name none (default: vllm)."""
+    use_fs_serve: bool = False
+    """Upstream's Ray Serve wrapper; here serving always runs the engine's own OpenAI server."""
+
+    def __post_init__(self) -> None:
+        if self.use_fs_serve:
+            raise ConfigError("experiment.runner.deploy.use_fs_serve: true (Ray Serve deployments) is not supported; "
+                              "serving runs the engine's own OpenAI-compatible server: set use_fs_serve: false")
+        if self.engine is not None and self.engine not in BACKENDS["serve"]:
+            raise ConfigError(f"experiment.runner.deploy.engine '{self.engine}' is not supported "
+                              f"(supported: {', '.join(BACKENDS['serve'])})")
+
+    @classmethod
+    def check_unsupported(cls, data: Mapping[str, Any], path: str) -> None:
+        for key, value in data.items():
+            if key in _UNSUPPORTED_DEPLOY and value not in (None, False, 0):
+                raise ConfigError(f"{path}.{key}: {_UNSUPPORTED_DEPLOY[key]} are not supported here "
+                                  f"(supported deploy keys: port, engine, use_fs_serve: false)")
 
 
 @dataclass(slots=True, kw_only=True)
 class RunnerConfig:
+    type: str = "ssh"
+    """Where hosts come from: ssh (a hostfile, or this machine)."""
     backend: str = "torchrun"
     """How processes start on each host: torchrun, or direct (the entrypoint once per host, no torchrun)."""
     nnodes: int | None = None
@@ -62,9 +114,28 @@ class RunnerConfig:
     """torchrun rendezvous: static (master addr/port) or c10d."""
     device_type_specific: dict[str, Any] = field(default_factory=dict)
     """Per host type runner settings, e.g. {A100: {nproc_per_node: 8}}."""
+    per_node_task: bool = False
+    """Each host runs its own single-node job (torchrun --nnodes 1 --node-rank 0, master localhost)."""
+    docker: str | None = None
+    """Run each host's command inside this (running) container with `docker exec`."""
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+    """Serve settings: the default port and engine of the deployments."""
+    node_rank: int | None = None
+    """Upstream's single-host rank; over SSH each host's rank is its position in the hostfile."""
+    rdzv_id: str | None = None
+    """torchrun's rendezvous id (default: the run id)."""
+    ray_port: int | None = None
+    """Port of the Ray head in a multi-host serve job (default: experiment.runner.master_port, or a free one)."""
+    ray_dashboard_port: int | None = None
+    """Ray's dashboard port (default: no dashboard)."""
+    torchrun_args: dict[str, Any] = field(default_factory=dict)
+    """Other torchrun options given under `runner` (max_restarts, monitor_interval, ...), passed to torchrun."""
 
     def __post_init__(self) -> None:
-        for name in ("nnodes", "nproc_per_node", "ssh_port", "master_port"):
+        if self.type not in RUNNER_TYPES:
+            raise ConfigError(f"experiment.runner.type '{self.type}' is not supported (supported: "
+                              f"{', '.join(RUNNER_TYPES)})")
+        for name in ("nnodes", "nproc_per_node", "ssh_port", "master_port", "ray_port", "ray_dashboard_port"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"experiment.runner.{name} must be a positive integer, got {value!r}")
@@ -101,6 +172,8 @@ class ExperimentConfig:
     cmds: CmdsConfig = field(default_factory=CmdsConfig)
     auto_tuner: dict[str, Any] | None = None
     """Search space and controls for action=auto_tune."""
+    variables: dict[str, Any] = field(default_factory=dict)
+    """User variables (`experiment.seed`, `experiment.load`, ...) that the YAML references as ${experiment.X}."""
 
 
 def build(cls: type, data: Mapping[str, Any] | None, path: str) -> Any:
@@ -130,11 +203,26 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
     allowed = _allowed_types(hint)
     if value is None and type(None) in allowed:
         return None
+    value = _from_string(value, allowed)
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not any(_isinstance(value, t) for t in allowed):
         names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed if t is not type(None))
         raise ConfigError(f"{path} must be {names}, got {value!r}")
+    return value
+
+
+def _from_string(value: Any, allowed: tuple[Any, ...]) -> Any:
+    """Numbers and booleans given as strings (`nnodes: '1'`), as upstream's runner accepts them."""
+    if not isinstance(value, str) or str in allowed or Any in allowed:
+        return value
+    text = value.strip()
+    if int in allowed and re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    if float in allowed and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text):
+        return float(text)
+    if bool in allowed and text.lower() in ("true", "false"):
+        return text.lower() == "true"
     return value
 
 

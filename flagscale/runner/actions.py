@@ -41,7 +41,8 @@ def prepare(job: JobConfig) -> tuple[TaskRunner, PlanContext]:
     """Validate everything that can be validated before a process starts."""
     hosts = select_hosts(job)
     runner = runner_for(job.experiment.task.type)
-    ctx = PlanContext(job=job, hosts=hosts, run_id=new_run_id(), master_port=job.experiment.runner.master_port)
+    ctx = PlanContext(job=job, hosts=hosts, run_id=new_run_id(), master_port=job.experiment.runner.master_port,
+                      notes=list(job.notes))
     runner.validate(ctx)
     return runner, ctx
 
@@ -71,6 +72,8 @@ def dryrun(job: JobConfig) -> int:
         target = "local" if spec.host.is_local else launcher.transport(spec.host).target
         console.print(f"[bold]host {spec.host.name}[/] (node rank {spec.node_rank}, ssh target: {target})")
         console.print(f"  script: {path}")
+        if spec.container:
+            console.print(f"  runs inside container {spec.container} (docker exec on {spec.host.name})")
         console.print(f"  command: {shlex.join(spec.argv)}", soft_wrap=True)
     for note in plan.notes:
         console.print(f"note: {note}")

@@ -25,6 +25,8 @@ class ProcessSpec:
     before_start: list[str] = field(default_factory=list)
     label: str | None = None
     """Names this process when a host runs more than one (its script is `<host>-<label>.sh`)."""
+    container: str | None = None
+    """Run the command inside this running container (`docker exec`); env, cwd and before_start apply there."""
 
     @property
     def exit_file(self) -> str:
@@ -84,19 +86,46 @@ def render_script(plan: Plan, spec: ProcessSpec) -> str:
         "set -e",
         f"exit_file={q(spec.exit_file)}",
         f"mkdir -p {q(str(Path(spec.log_path).parent))}",
-        f"cd {q(spec.cwd)}",
     ]
+    body = _job_lines(spec)
+    if spec.container is None:
+        lines += body
+        lines += ["set +e", shlex.join(spec.argv), "status=$?"]
+    else:
+        lines += _container_lines(plan, spec, body)
+    lines += ['echo "$status" > "$exit_file"', 'exit "$status"']
+    return "\n".join(lines) + "\n"
+
+
+def _job_lines(spec: ProcessSpec) -> list[str]:
+    """cd, environment and before_start: on the host, or inside the container."""
+    q = shlex.quote
+    lines = [f"cd {q(spec.cwd)}"]
     lines += [f"export {name}={q(value)}" for name, value in spec.env.items()]
     if spec.before_start:
         lines.append("# experiment.cmds.before_start (a failure ends the script with its status)")
-        lines.append("trap 'echo \"$?\" > \"$exit_file\"' ERR")
+        lines.append("trap 'echo \"$?\" > \"$exit_file\"' ERR" if spec.container is None else "set -e")
         lines += spec.before_start
-        lines.append("trap - ERR")
-    lines += [
+        lines.append("trap - ERR" if spec.container is None else "set +e")
+    return lines
+
+
+def _container_lines(plan: Plan, spec: ProcessSpec, body: list[str]) -> list[str]:
+    """experiment.runner.docker: the job runs in the container through `docker exec`; stopping this
+    script (SIGTERM from `stop`) signals the command inside the container by the pid it recorded there."""
+    q = shlex.quote
+    pid_file = f"/tmp/flagscale-{plan.run_id}-{spec.host.slug}{'-' + spec.label if spec.label else ''}.pid"
+    inner = "\n".join([f"echo $$ > {q(pid_file)}", *body, f"exec {shlex.join(spec.argv)}"])
+    stop_inner = f"kill -TERM $(cat {q(pid_file)}) 2>/dev/null"
+    on_stop = f'docker exec "$container" bash -c {q(stop_inner)}; wait "$child"'
+    return [
+        f"container={q(spec.container or '')}",
+        "# experiment.runner.docker: everything below runs inside the container",
+        f"inner={q(inner)}",
+        f"trap {q(on_stop)} TERM INT",
         "set +e",
-        shlex.join(spec.argv),
+        'docker exec -i "$container" bash -c "$inner" &',
+        "child=$!",
+        'wait "$child"',
         "status=$?",
-        'echo "$status" > "$exit_file"',
-        'exit "$status"',
     ]
-    return "\n".join(lines) + "\n"

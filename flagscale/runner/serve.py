@@ -26,6 +26,8 @@ class ServeRunner(TaskRunner):
     task_type = "serve"
 
     def validate(self, ctx: PlanContext) -> None:
+        runner = ctx.job.experiment.runner
+        ctx.master_port = ctx.master_port or runner.ray_port
         deployments = self._deployments(ctx)
         ports: dict[int, str] = {}
         for index, deployment in enumerate(deployments):
@@ -69,13 +71,20 @@ class ServeRunner(TaskRunner):
         }
 
     def _deployments(self, ctx: PlanContext) -> list[Deployment]:
-        return parse_deployments(ctx.job.task, "serve")
+        """The serve section; experiment.runner.deploy.port is the port of deployments that set none."""
+        deployments = parse_deployments(ctx.job.task, "serve")
+        port = ctx.job.experiment.runner.deploy.port
+        for deployment in deployments:
+            if port is not None and deployment.engine_args.get("port") is None:
+                deployment.engine_args["port"] = port
+        return deployments
 
     def _cluster(self, ctx: PlanContext, deployments: list[Deployment]) -> RayCluster | None:
         if len(ctx.hosts) == 1:
             return None
         return RayCluster(hosts=tuple(ctx.hosts), port=ctx.master_port or DRYRUN_PORT,
-                          resources=cluster_resources(deployments), python=ctx.job.python)
+                          resources=cluster_resources(deployments), python=ctx.job.python,
+                          dashboard_port=ctx.job.experiment.runner.ray_dashboard_port)
 
     def _server(self, ctx: PlanContext, deployment: Deployment, head: Host, cluster: RayCluster | None) -> ProcessSpec:
         argv = server_argv(ctx.job.python, deployment, head, ray=cluster is not None,
@@ -87,13 +96,15 @@ class ServeRunner(TaskRunner):
         env.update(ctx.host_env(head))
         return ProcessSpec(host=head, node_rank=0, argv=argv, env=env, cwd=os.getcwd(),
                            log_path=str(ctx.log_dir / f"{head.slug}-{deployment.serve_id}.log"),
-                           before_start=ctx.job.experiment.cmds.lines("before_start"), label=deployment.serve_id)
+                           before_start=ctx.job.experiment.cmds.lines("before_start"), label=deployment.serve_id,
+                           container=ctx.job.experiment.runner.docker)
 
     def _ray_node(self, ctx: PlanContext, cluster: RayCluster, host: Host, rank: int) -> ProcessSpec:
         env = {**cluster.node_env(host), **ctx.host_env(host)}
         return ProcessSpec(host=host, node_rank=rank, argv=cluster.node_argv(host), env=env, cwd=os.getcwd(),
                            log_path=str(ctx.log_dir / f"{host.slug}-ray.log"),
-                           before_start=ctx.job.experiment.cmds.lines("before_start"), label="ray")
+                           before_start=ctx.job.experiment.cmds.lines("before_start"), label="ray",
+                           container=ctx.job.experiment.runner.docker)
 
 
 def cluster_resources(deployments: list[Deployment]) -> Resources:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flagscale.config.flatten import flatten_leaves, to_argv
+from flagscale.config.flatten import Leaves, flatten_leaves, to_argv
 from flagscale.config.hostfile import Host
 from flagscale.config.schema import unknown_key_message
+from flagscale.config.vocabulary import Argument, category, coerce, megatron_arguments
 from flagscale.exceptions import ConfigError
 from flagscale.runner.base import REPO_ROOT, PlanContext, TaskRunner
 from flagscale.runner.plan import Plan, ProcessSpec
@@ -21,25 +24,136 @@ DEFAULT_ENTRYPOINT = "flagscale/train/train_gpt.py"
 RESERVED = {"metrics_dir"}
 
 
+# Directories upstream FlagScale derives from exp_dir when the YAML leaves them unset.
+DIR_DEFAULTS = {"save": "checkpoints", "load": "checkpoints", "tensorboard_dir": "tensorboard",
+                "wandb_save_dir": "wandb"}
+# torchrun options the runner sets; a `runner` pass-through of the same name replaces the runner's value.
+_REPLACEABLE = ("redirects", "tee", "rdzv_endpoint")
+
+
+@dataclass(slots=True, kw_only=True)
+class TrainArguments:
+    """The task YAML as the training program's arguments, sorted by what this project does with them."""
+
+    leaves: Leaves
+    """Argument -> (where it was set, value), in command-line order; the last setting of a name wins."""
+    overridden: list[tuple[str, str, str]] = field(default_factory=list)
+    cuda_only: list[str] = field(default_factory=list)
+    """Set CUDA performance knobs: passed on, dropped by the program on a host without CUDA."""
+    not_applied: list[str] = field(default_factory=list)
+    """Those of them this program does not implement: not applied on CUDA either (performance only)."""
+    inert: list[str] = field(default_factory=list)
+    """Set options with no effect here (reporting only)."""
+
+
+def train_arguments(ctx: PlanContext) -> TrainArguments:
+    """Check every train.* leaf against Megatron-LM's vocabulary and this program's; one line per refusal."""
+    task = ctx.job.task
+    if not isinstance(task, dict):
+        raise ConfigError("the 'train' section must be a mapping of groups (system, model, data)")
+    overridden: list[tuple[str, str, str]] = []
+    leaves = flatten_leaves(task, "train", overridden)
+    result = TrainArguments(leaves={}, overridden=overridden)
+    vocabulary, implemented = megatron_arguments(), megatron_args.implemented_keys()
+    refused: list[tuple[str, str, Any]] = []
+    for name, (path, value) in leaves.items():
+        where = ctx.job.source.locate(path)
+        if name in RESERVED:
+            raise ConfigError(f"'{path}' is set by FlagScale itself; remove it (in {where})")
+        if name not in vocabulary:
+            raise ConfigError(f"{unknown_key_message(path, name, list(vocabulary))} (in {where}); "
+                              "train.* keys are Megatron-LM argument names")
+        checked = coerce(vocabulary[name], value, f"{path} (in {where})")
+        value = checked if isinstance(value, str) or checked is None else value  # numbers stay as written
+        result.leaves[name] = (path, value)
+        if _is_default(vocabulary[name], value):
+            continue
+        kind = category(name, implemented)
+        if kind == "not_implemented":
+            refused.append((name, path, value))
+        if kind == "used":
+            _check_implemented_choice(name, path, value, where)
+        if kind == "inert":
+            result.inert.append(name)
+        if category(name, frozenset()) == "cuda_only":
+            result.cuda_only.append(name)
+            if kind != "used":
+                result.not_applied.append(name)
+    if refused:
+        raise ConfigError(_refusal(refused, ctx))
+    _add_dir_defaults(result.leaves, ctx)
+    return result
+
+
+def _is_default(argument: Argument, value: Any) -> bool:
+    """Unset, or set to what Megatron-LM would use anyway (a flag left off)."""
+    if argument.kind in ("flag", "negated_flag"):
+        return not value
+    return value is None or value == argument.default
+
+
+def _check_implemented_choice(name: str, path: str, value: Any, where: str) -> None:
+    choices = megatron_args.implemented_choices(name)
+    if choices and value is not None and value not in choices:
+        raise ConfigError(f"{path}={value}: not implemented by this project's training program yet (implemented: "
+                          f"{', '.join(map(str, choices))}) (in {where})")
+
+
+def _refusal(refused: list[tuple[str, str, Any]], ctx: PlanContext) -> str:
+    name, path, value = refused[0]
+    others = [n for n, _, _ in refused[1:]]
+    more = f"; also not implemented yet: {', '.join(others[:12])}" + (" ..." if len(others) > 12 else "")
+    return (f"{path}={value}: Megatron-LM argument '{name}' is not implemented by this project's training program "
+            f"yet (in {ctx.job.source.locate(path)}){more if others else ''}")
+
+
+def _add_dir_defaults(leaves: Leaves, ctx: PlanContext) -> None:
+    """save/load/tensorboard_dir/wandb_save_dir under exp_dir when unset; given paths made absolute."""
+    for name, folder in DIR_DEFAULTS.items():
+        path, value = leaves.get(name, (f"experiment.exp_dir (default {name})", None))
+        if value is None:
+            leaves[name] = (path, str(ctx.exp_dir / folder))
+        elif isinstance(value, str):
+            leaves[name] = (path, str(Path(value).expanduser().resolve()))
+
+
 class TrainRunner(TaskRunner):
     task_type = "train"
 
     def validate(self, ctx: PlanContext) -> None:
-        args = self._parse(ctx)
+        arguments = train_arguments(ctx)
+        self._check_entrypoint(ctx)
+        for name, earlier, winner in arguments.overridden:
+            ctx.notes.append(f"'{name}' is set twice: {earlier} ({ctx.job.source.locate(earlier)}) and {winner} "
+                             f"({ctx.job.source.locate(winner)}); the last one wins, as in Megatron-LM's argparse")
+        if arguments.cuda_only:
+            ctx.notes.append("CUDA-only performance options (no effect on the model): a host without CUDA drops "
+                             "them: " + ", ".join(arguments.cuda_only))
+        if arguments.not_applied:
+            ctx.notes.append("of those, this training program does not apply on CUDA either: "
+                             + ", ".join(arguments.not_applied))
+        if arguments.inert:
+            ctx.notes.append("options with no effect in this project's training program (reporting only): "
+                             + ", ".join(arguments.inert))
+        args = self._parse(ctx, arguments)
         world = sum(ctx.nproc(h) for h in ctx.hosts)
-        megatron_args.validate(args, world)
+        try:
+            megatron_args.validate(args, world)
+        except ConfigError as err:
+            raise ConfigError(_locate_problems(str(err), arguments.leaves, ctx)) from None
         missing = [] if ctx.job.experiment.runner.no_shared_fs else _missing_data(args, ctx)
         if missing and ctx.job.action != "dryrun":
             raise ConfigError(missing[0])
         ctx.notes.extend(missing)
 
     def plan(self, ctx: PlanContext) -> Plan:
-        engine_argv = to_argv(self._leaves(ctx)) + ["--metrics-dir", str(ctx.log_dir)]
+        engine_argv = to_argv(train_arguments(ctx).leaves) + ["--metrics-dir", str(ctx.log_dir)]
         nprocs = [ctx.nproc(h) for h in ctx.hosts]
+        runner = ctx.job.experiment.runner
         notes = ctx.notes + [
             f"host {h.name}: nproc_per_node capped to {n} (slots/visible devices)"
             for h, n in zip(ctx.hosts, nprocs)
-            if ctx.job.experiment.runner.nproc_per_node and n < ctx.job.experiment.runner.nproc_per_node
+            if runner.nproc_per_node and n < runner.nproc_per_node
         ]
         processes = [
             ProcessSpec(
@@ -50,6 +164,7 @@ class TrainRunner(TaskRunner):
                 cwd=os.getcwd(),
                 log_path=str(ctx.log_dir / f"{host.slug}.log"),
                 before_start=ctx.job.experiment.cmds.lines("before_start"),
+                container=runner.docker,
             )
             for rank, (host, nproc) in enumerate(zip(ctx.hosts, nprocs))
         ]
@@ -58,33 +173,17 @@ class TrainRunner(TaskRunner):
                     master_addr=ctx.master_addr, master_port=ctx.master_port, info=self.info(ctx), notes=notes)
 
     def info(self, ctx: PlanContext) -> dict[str, Any]:
-        leaves = self._leaves(ctx)
+        leaves = train_arguments(ctx).leaves
         return {
             "metrics_file": str(ctx.log_dir / "metrics.jsonl"),
             "train_iters": leaves.get("train_iters", (None, None))[1],
             "world_size": sum(ctx.nproc(h) for h in ctx.hosts),
         }
 
-    def _leaves(self, ctx: PlanContext) -> dict[str, tuple[str, Any]]:
-        task = ctx.job.task
-        if not isinstance(task, dict):
-            raise ConfigError("the 'train' section must be a mapping of groups (system, model, data)")
-        leaves = flatten_leaves(task, "train")
-        known = megatron_args.known_keys()
-        for name, (path, _) in leaves.items():
-            if name in RESERVED:
-                raise ConfigError(f"'{path}' is set by FlagScale itself; remove it (in {ctx.job.source.locate(path)})")
-            if name not in known:
-                message = unknown_key_message(path, name, list(known))
-                raise ConfigError(f"{message} (in {ctx.job.source.locate(path)}); "
-                                  "train.* keys are Megatron-LM argument names")
-        return leaves
-
-    def _parse(self, ctx: PlanContext) -> argparse.Namespace:
-        argv = to_argv(self._leaves(ctx))
-        parser = megatron_args.build_parser()
+    def _parse(self, ctx: PlanContext, arguments: TrainArguments) -> argparse.Namespace:
+        argv = to_argv(arguments.leaves)
         try:
-            return parser.parse_args(argv)
+            return megatron_args.build_parser().parse_args(argv)
         except SystemExit:
             raise ConfigError(f"the train section does not parse as Megatron arguments: {' '.join(argv)}") from None
 
@@ -92,22 +191,45 @@ class TrainRunner(TaskRunner):
         entry = Path(ctx.job.experiment.task.entrypoint or DEFAULT_ENTRYPOINT)
         return str(entry if entry.is_absolute() else REPO_ROOT / entry)
 
+    def _check_entrypoint(self, ctx: PlanContext) -> None:
+        entry = Path(self._entrypoint(ctx))
+        if ctx.hosts[0].is_local and ctx.job.experiment.runner.docker is None and not entry.exists():
+            raise ConfigError(f"experiment.task.entrypoint {ctx.job.experiment.task.entrypoint} does not exist; this "
+                              f"project's training program is {DEFAULT_ENTRYPOINT} (GPT-style models on Megatron-Core) "
+                              f"(in {ctx.job.source.locate('experiment.task.entrypoint')})")
+
     def _torchrun(self, ctx: PlanContext, host: Host, rank: int, nproc: int) -> list[str]:
         runner = ctx.job.experiment.runner
         if runner.backend == "direct":  # the entrypoint once per host: a Python file, or any executable
             return [ctx.job.python] if self._entrypoint(ctx).endswith(".py") else []
-        argv = _torchrun_command(ctx.job.python) + [
-            "--nnodes", str(len(ctx.hosts)),
-            "--nproc-per-node", str(nproc),
-            "--node-rank", str(rank),
-            "--master-addr", ctx.master_addr,
-            "--master-port", str(ctx.master_port or 29500),
-        ]
+        nnodes, master = (1, "localhost") if runner.per_node_task else (len(ctx.hosts), ctx.master_addr)
+        rank = 0 if runner.per_node_task else rank
+        endpoint = f"{master}:{ctx.master_port or 29500}"
+        options: dict[str, Any] = {"nnodes": nnodes, "nproc_per_node": nproc, "node_rank": rank,
+                                   "master_addr": master, "master_port": ctx.master_port or 29500}
         if runner.rdzv_backend == "c10d":
-            argv[argv.index("--node-rank"):argv.index("--node-rank") + 2] = []
-            argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{ctx.master_addr}:{ctx.master_port or 29500}"]
-        return argv + ["--rdzv-id", ctx.run_id, "--log-dir", str(ctx.log_dir / "torchrun" / host.slug),
-                       "--redirects", "3", "--tee", "3"]
+            del options["node_rank"], options["master_addr"], options["master_port"]
+            options.update(rdzv_backend="c10d", rdzv_endpoint=endpoint)
+        options.update(rdzv_id=runner.rdzv_id or ctx.run_id, log_dir=str(ctx.log_dir / "torchrun" / host.slug),
+                       redirects=3, tee=3)
+        options.update({k: v for k, v in runner.torchrun_args.items() if k in _REPLACEABLE})
+        passed = {k: ("", v) for k, v in runner.torchrun_args.items() if k not in _REPLACEABLE}
+        return _torchrun_command(ctx.job.python) + to_argv({k: ("", v) for k, v in options.items()}) \
+            + to_argv(passed)
+
+
+def _locate_problems(message: str, leaves: Leaves, ctx: PlanContext) -> str:
+    """Each reported problem gets the key, value and file:line of the first argument it names."""
+    lines = message.splitlines()
+    out = [lines[0]]
+    for line in lines[1:]:
+        named = next((n for n in sorted(leaves, key=len, reverse=True) if re.search(rf"\b{n}\b", line)), None)
+        if named is None:
+            out.append(line)
+            continue
+        path, value = leaves[named]
+        out.append(f"{line} ({path}={value}, in {ctx.job.source.locate(path)})")
+    return "\n".join(out)
 
 
 def _torchrun_command(python: str) -> list[str]:

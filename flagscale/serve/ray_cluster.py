@@ -30,6 +30,8 @@ class RayCluster:
     """The head's GCS port (experiment.runner.master_port, or one found free at launch)."""
     resources: Resources
     python: str
+    dashboard_port: int | None = None
+    """experiment.runner.ray_dashboard_port: the head serves Ray's dashboard there (default: none)."""
 
     @property
     def head(self) -> Host:
@@ -43,7 +45,9 @@ class RayCluster:
         """`ray start --block` for one node: --head on the first host, --address on the others."""
         start = [self.python, *RAY_CLI, "start", "--block", "--disable-usage-stats"]
         if host == self.head:
-            start += ["--head", "--port", str(self.port), "--include-dashboard", "false"]
+            start += ["--head", "--port", str(self.port)]
+            dashboard = ["--include-dashboard", "true", "--dashboard-port", str(self.dashboard_port)]
+            start += dashboard if self.dashboard_port else ["--include-dashboard", "false"]
         else:
             start += ["--address", self.address]
         if is_ip(host.name):

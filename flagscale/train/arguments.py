@@ -1,10 +1,12 @@
 """Command-line surface of the training program, in Megatron-LM's own argument names.
 
-Pure argparse, importable without torch: the launcher uses `known_keys()`/`option_for_key()` to
-check YAML keys and `validate()` to reject an inconsistent parallel layout before anything starts.
+Pure argparse, importable without torch. The options defined here are the ones this program
+implements (`implemented_keys()`); every other Megatron-LM / upstream FlagScale argument is added
+from the vocabulary data (flagscale/config/vocabulary.py) so a command line written for Megatron-LM
+parses, and `refused()` names those set to something this program would not honour. The launcher
+runs the same checks (`validate()`, `schedule_problems()`) before anything starts.
 Every option's `dest` is its name with dashes turned into underscores, so a YAML key `foo_bar`
-is exactly the option `--foo-bar`. Options a GPU Megatron-LM config carries but that change
-nothing here (fusions, TransformerEngine choices) are accepted so such configs validate.
+is exactly the option `--foo-bar`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from collections.abc import Sequence
 from functools import cache
 
 from flagscale.config import layout as parallel_layout
+from flagscale.config import vocabulary
 from flagscale.exceptions import ConfigError
+from flagscale.train.tokenizer import TOKENIZER_TYPES
 
-TOKENIZER_TYPES = ("HuggingFaceTokenizer", "NullTokenizer")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 
 
@@ -73,6 +76,8 @@ def _model(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--no-rope-fusion", action="store_true")
     p.add_argument("--no-gradient-accumulation-fusion", action="store_true")
     p.add_argument("--qk-layernorm", action="store_true", help="Normalise queries and keys.")
+    p.add_argument("--multiple-of", type=int, help="Upstream FlagScale: SwiGLU width 2/3·4h rounded up to this.")
+    p.add_argument("--hidden-dim-multiplier", type=float, help="Upstream FlagScale: scales that width first.")
 
 
 def _parallel(p: argparse._ArgumentGroup) -> None:
@@ -138,6 +143,7 @@ def _optimizer(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--lr-decay-samples", type=int)
     p.add_argument("--lr-wsd-decay-style", choices=("exponential", "linear", "cosine"), default="exponential")
     p.add_argument("--lr-wsd-decay-iters", type=int)
+    p.add_argument("--lr-wsd-decay-samples", type=int, help="Alternative to --lr-wsd-decay-iters.")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--start-weight-decay", type=float)
     p.add_argument("--end-weight-decay", type=float)
@@ -179,6 +185,9 @@ def _data(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--mock-data", action="store_true", help="Random tokens instead of --data-path.")
     p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="HuggingFaceTokenizer")
     p.add_argument("--tokenizer-model", help="Folder with a Hugging Face tokenizer.json.")
+    p.add_argument("--vocab-file", help="AquilaTokenizerFS: GPT-2 style vocab.json.")
+    p.add_argument("--merge-file", help="AquilaTokenizerFS: BPE merges.txt.")
+    p.add_argument("--special-tokens-file", help="AquilaTokenizerFS: special tokens, one per line.")
     p.add_argument("--reset-position-ids", action="store_true")
     p.add_argument("--reset-attention-mask", action="store_true")
     p.add_argument("--eod-mask-loss", action="store_true")
@@ -207,8 +216,8 @@ _GROUPS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole argument parser (Megatron-LM names, plus --metrics-dir and --device)."""
+def implemented_parser() -> argparse.ArgumentParser:
+    """The options this program implements (its own help text)."""
     parser = argparse.ArgumentParser(
         prog="train_gpt.py",
         description="FlagScale GPT training on Megatron-Core (run under torchrun).",
@@ -219,10 +228,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The whole argument parser: this program's options, then the rest of Megatron-LM's vocabulary."""
+    parser = implemented_parser()
+    taken = set(parser._option_string_actions)
+    group = parser.add_argument_group("other Megatron-LM arguments (parsed; see refused())")
+    for argument in vocabulary.megatron_arguments().values():
+        if not taken.intersection(argument.options):
+            _add_generic(group, argument)
+            taken.update(argument.options)
+    return parser
+
+
+def _add_generic(group: argparse._ArgumentGroup, argument: vocabulary.Argument) -> None:
+    """An argument from the vocabulary data, parsed as Megatron-LM parses it."""
+    options, dest = list(argument.options), argument.dest
+    if argument.kind == "flag":
+        group.add_argument(*options, dest=dest, action="store_true")
+    elif argument.kind == "negated_flag":
+        group.add_argument(*options, dest=dest, action="store_false")
+    else:
+        kind = {"int": int, "float": float}.get(argument.type or "", str)
+        nargs = "*" if argument.kind == "list" else None
+        group.add_argument(*options, dest=dest, type=kind, nargs=nargs, default=argument.default)
+
+
 @cache
+def implemented_keys() -> frozenset[str]:
+    """The YAML keys this program implements (its own options, by option name with underscores)."""
+    return frozenset(
+        option[2:].replace("-", "_") for option in implemented_parser()._option_string_actions
+        if option.startswith("--") and option != "--help"
+    )
+
+
+@cache
+def implemented_choices(key: str) -> tuple[str, ...] | None:
+    """The values this program implements for `key`, when it limits them (e.g. tokenizer_type)."""
+    action = implemented_parser()._option_string_actions.get("--" + key.replace("_", "-"))
+    return tuple(action.choices) if action is not None and action.choices else None
+
+
 def known_keys() -> frozenset[str]:
-    """Every YAML key the training program accepts (`tensor_model_parallel_size`, ...)."""
-    return frozenset(a.dest for a in build_parser()._actions if a.dest != "help")
+    """Every YAML key the training program parses (Megatron-LM's and upstream FlagScale's names)."""
+    return frozenset(vocabulary.megatron_arguments()) | implemented_keys()
 
 
 def option_for_key(key: str) -> str | None:
@@ -230,11 +279,34 @@ def option_for_key(key: str) -> str | None:
     return "--" + key.replace("_", "-") if key in known_keys() else None
 
 
+def refused(args: argparse.Namespace) -> list[str]:
+    """Arguments set to a non-default value that this program does not implement (model-changing)."""
+    names = []
+    implemented = implemented_keys()
+    for name, argument in vocabulary.megatron_arguments().items():
+        if vocabulary.category(name, implemented) != "not_implemented":
+            continue
+        value = getattr(args, argument.dest, argument.default)
+        if (argument.kind == "negated_flag" and value is False) or (argument.kind == "flag" and value is True):
+            names.append(name)
+        elif argument.kind not in ("flag", "negated_flag") and value is not None and value != argument.default:
+            names.append(name)
+    return names
+
+
 def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None) -> argparse.Namespace:
-    """Parse, check (`validate`) and fill derived values (`derive`)."""
+    """Parse, refuse what is not implemented, check (`validate`) and fill derived values (`derive`)."""
     args = build_parser().parse_args(argv)
+    not_implemented = refused(args)
+    if not_implemented:
+        raise ConfigError("Megatron-LM arguments not implemented by this training program yet: "
+                          + ", ".join(not_implemented))
     validate(args, world_size)
-    return derive(args, world_size)
+    derived = derive(args, world_size)
+    problems = schedule_problems(derived)
+    if problems:
+        raise ConfigError("invalid training arguments:\n  - " + "\n  - ".join(problems))
+    return derived
 
 
 def parse_blend(data_path: Sequence[str]) -> tuple[list[str], list[float] | None]:
@@ -359,6 +431,8 @@ def _data_problems(args: argparse.Namespace) -> list[str]:
         problems.append("tokenizer_type HuggingFaceTokenizer needs tokenizer_model (a folder with tokenizer.json)")
     if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
         problems.append("tokenizer_type NullTokenizer needs vocab_size")
+    if args.tokenizer_type == "AquilaTokenizerFS" and not (args.vocab_file and args.merge_file):
+        problems.append("tokenizer_type AquilaTokenizerFS needs vocab_file and merge_file (and special_tokens_file)")
     return problems
 
 
@@ -389,6 +463,11 @@ def derive(args: argparse.Namespace, world_size: int | None) -> argparse.Namespa
 
 
 def _default_ffn(args: argparse.Namespace) -> int:
+    if args.swiglu and args.multiple_of:  # upstream FlagScale (Llama/Aquila): 2/3 of 4h rounded up
+        width = int(4 * args.hidden_size * 2 / 3)
+        if args.hidden_dim_multiplier is not None:
+            width = int(width * args.hidden_dim_multiplier)
+        return args.multiple_of * -(-width // args.multiple_of)
     if args.swiglu:  # Megatron-LM: 2/3 of 4h, rounded down to a multiple of 64
         return int((4 * args.hidden_size * 2 / 3) / 64) * 64 or 4 * args.hidden_size
     return 4 * args.hidden_size
@@ -404,3 +483,26 @@ def _derive_iters(args: argparse.Namespace) -> None:
         args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
     elif args.lr_warmup_samples:
         args.lr_warmup_iters = math.ceil(args.lr_warmup_samples / gbs)
+    if args.lr_wsd_decay_iters is None and args.lr_wsd_decay_samples:
+        args.lr_wsd_decay_iters = math.ceil(args.lr_wsd_decay_samples / gbs)
+
+
+def schedule_problems(args: argparse.Namespace) -> list[str]:
+    """What Megatron-Core's OptimizerParamScheduler asserts, on derived arguments (steps = iterations)."""
+    problems = []
+    if args.lr_decay_iters <= 0:
+        problems.append(f"lr_decay_iters ({args.lr_decay_iters}) must be > 0")
+    elif args.lr_warmup_iters >= args.lr_decay_iters:
+        problems.append(f"lr_warmup_iters ({args.lr_warmup_iters}) must be smaller than lr_decay_iters "
+                        f"({args.lr_decay_iters}; default: train_iters): lower the warm-up or train longer")
+    if args.min_lr < 0:
+        problems.append(f"min_lr ({args.min_lr}) must be >= 0")
+    if args.lr_decay_style == "WSD" and not (args.lr_wsd_decay_iters or args.lr_wsd_decay_samples):
+        problems.append("lr_decay_style WSD needs lr_wsd_decay_iters (or lr_wsd_decay_samples)")
+    start = args.weight_decay if args.start_weight_decay is None else args.start_weight_decay
+    end = args.weight_decay if args.end_weight_decay is None else args.end_weight_decay
+    if start < 0 or end < start:
+        problems.append(f"weight decay must satisfy 0 <= start_weight_decay ({start}) <= end_weight_decay ({end})")
+    if args.weight_decay_incr_style == "constant" and start != end:
+        problems.append("start_weight_decay and end_weight_decay differ but weight_decay_incr_style is constant")
+    return problems

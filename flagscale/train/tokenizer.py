@@ -1,8 +1,10 @@
 """Tokenizers the training program and the data tools share (torch-free).
 
 `HFTokenizer` reads a Hugging Face tokenizer folder (tokenizer.json, special_tokens_map.json) with
-the `tokenizers` library, so it works offline without `transformers`. `NullTokenizer` serves mock
-data. Both expose what Megatron-Core's GPTDataset asks of a tokenizer: `vocab_size`, `eod`, `pad`
+the `tokenizers` library, so it works offline without `transformers`. `AquilaTokenizerFS` is upstream
+FlagScale's byte-level BPE from a GPT-2 style vocab.json + merges.txt and a special-tokens file
+(end of document `</s>`, padding `<|endoftext|>`). `NullTokenizer` serves mock data. All expose
+what Megatron-Core's GPTDataset asks of a tokenizer: `vocab_size`, `eod`, `pad`
 and `unique_identifiers`.
 """
 
@@ -77,6 +79,31 @@ class HFTokenizer:
         return self._tokenizer.decode(list(ids))
 
 
+class AquilaTokenizerFS(HFTokenizer):
+    """Byte-level BPE from `vocab_file`/`merge_file`, special tokens one per line in `special_tokens_file`."""
+
+    def __init__(self, vocab_file: str, merge_file: str, special_tokens_file: str | None) -> None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        for name, path in (("vocab_file", vocab_file), ("merge_file", merge_file)):
+            if not path or not Path(path).is_file():
+                raise ConfigError(f"tokenizer_type AquilaTokenizerFS needs {name} (a file), got {path!r}")
+        self.folder = Path(vocab_file).parent
+        self._tokenizer = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
+        self._tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self._tokenizer.decoder = decoders.ByteLevel()
+        specials = Path(special_tokens_file).read_text(encoding="utf-8").split("\n") if special_tokens_file else []
+        self._tokenizer.add_special_tokens([t for t in specials if t])
+        self._specials = {"eos_token": "</s>", "pad_token": "<|endoftext|>"}
+        if self._tokenizer.token_to_id("</s>") is None:
+            raise ConfigError(f"{vocab_file}: AquilaTokenizerFS needs the end-of-document token </s>")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids in vocab.json plus special tokens not in it."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+
 class NullTokenizer:
     """A vocabulary of `vocab_size` ids with no text; the last id is end-of-document."""
 
@@ -111,13 +138,19 @@ def _special_tokens(folder: Path) -> dict[str, str]:
     return specials
 
 
-def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None, vocab_size: int | None):
-    """The tokenizer `--tokenizer-type` names."""
-    if tokenizer_type == "HuggingFaceTokenizer":
-        return HFTokenizer(tokenizer_model)
-    if tokenizer_type == "NullTokenizer":
-        return NullTokenizer(vocab_size)
-    raise ConfigError(f"tokenizer_type {tokenizer_type} is not supported; use HuggingFaceTokenizer or NullTokenizer")
+TOKENIZER_TYPES = ("HuggingFaceTokenizer", "NullTokenizer", "AquilaTokenizerFS")
+
+
+def build_tokenizer(args):
+    """The tokenizer `--tokenizer-type` names (with its files from the other tokenizer arguments)."""
+    kind = args.tokenizer_type
+    if kind == "HuggingFaceTokenizer":
+        return HFTokenizer(args.tokenizer_model)
+    if kind == "NullTokenizer":
+        return NullTokenizer(args.vocab_size)
+    if kind == "AquilaTokenizerFS":
+        return AquilaTokenizerFS(args.vocab_file, args.merge_file, args.special_tokens_file)
+    raise ConfigError(f"tokenizer_type {kind} is not implemented here (implemented: {', '.join(TOKENIZER_TYPES)})")
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:

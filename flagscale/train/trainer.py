@@ -155,7 +155,7 @@ def _resume(args: argparse.Namespace, model: list, optimizer, scheduler) -> int:
 
 def build_trainer(args: argparse.Namespace, runtime: Runtime) -> tuple[Trainer, int]:
     """Tokenizer, model, optimizer, checkpoint, data and reporter; (trainer, start iteration)."""
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    tokenizer = build_tokenizer(args)
     vocab = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
     config = transformer_config(args, runtime)
     chunks = build_chunks(args, config, vocab)

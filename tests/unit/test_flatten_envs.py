@@ -19,9 +19,19 @@ def test_flatten_rules() -> None:
     ]
 
 
-def test_duplicate_leaf_names_are_an_error() -> None:
-    with pytest.raises(ConfigError, match=r"'lr' is set twice \(train.model.lr and train.optimizer.lr\)"):
-        flatten_leaves({"model": {"lr": 1}, "optimizer": {"lr": 2}}, "train")
+def test_a_leaf_set_twice_follows_argparse_last_wins_and_is_reported() -> None:
+    overridden: list[tuple[str, str, str]] = []
+    leaves = flatten_leaves({"model": {"lr": 1, "seed": 3}, "optimizer": {"lr": 2}}, "train", overridden)
+    assert leaves["lr"] == ("train.optimizer.lr", 2)
+    assert overridden == [("lr", "train.model.lr", "train.optimizer.lr")]
+    assert to_argv(leaves) == ["--seed", "3", "--lr", "2"]
+
+
+def test_dashed_spellings_are_the_same_argument() -> None:
+    overridden: list[tuple[str, str, str]] = []
+    leaves = flatten_leaves({"model": {"seq-length": 8}, "data": {"seq_length": 16}}, "train", overridden)
+    assert leaves == {"seq_length": ("train.data.seq_length", 16)}
+    assert overridden == [("seq_length", "train.model.seq-length", "train.data.seq_length")]
 
 
 def test_values_are_passed_literally() -> None:

@@ -18,8 +18,8 @@ from tests.conftest import REPO
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
 
-def _render(example: str, overrides: list[str]) -> dict[str, str]:
-    cfg, source = compose_config(REPO / "examples" / example / "conf", "train", [*overrides, "action=dryrun"])
+def _render(example: str, name: str, overrides: list[str]) -> dict[str, str]:
+    cfg, source = compose_config(REPO / "examples" / example / "conf", name, [*overrides, "action=dryrun"])
     job = load_job_config(cfg, source)
     ctx = PlanContext(job=job, hosts=select_hosts(job), run_id="RUNID", master_port=29555)
     plan = runner_for("train").plan(ctx)
@@ -34,16 +34,19 @@ def _normalize(text: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("example", "overrides"),
+    ("example", "name", "overrides"),
     [
-        ("tiny_gpt", ["experiment.exp_dir=/exp/tiny"]),
-        ("aquila", ["experiment.exp_dir=/exp/aquila"]),
+        ("tiny_gpt", "train", ["experiment.exp_dir=/exp/tiny"]),
+        ("aquila", "train", ["experiment.exp_dir=/exp/aquila"]),
+        # upstream style: runner.docker, per-node/per-type envs, torchrun options passed through
+        ("aquila", "train_cluster", ["experiment.exp_dir=/exp/aquila_cluster"]),
     ],
 )
-def test_rendered_scripts_match_golden(example: str, overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rendered_scripts_match_golden(example: str, name: str, overrides: list[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)  # the scripts cd into the launching directory
-    for slug, text in _render(example, overrides).items():
-        golden = GOLDEN / f"{example}_train_{slug}.sh"
+    for slug, text in _render(example, name, overrides).items():
+        golden = GOLDEN / f"{example}_{name}_{slug}.sh"
         if os.environ.get("FLAGSCALE_UPDATE_GOLDEN"):
             golden.write_text(text)
         assert golden.is_file(), f"missing {golden}; run with FLAGSCALE_UPDATE_GOLDEN=1"

@@ -64,12 +64,13 @@ def test_dryrun_writes_script_with_literal_values(tmp_path: Path) -> None:
 
 
 def test_aquila_composes_and_dryruns(tmp_path: Path) -> None:
-    proc = run_py("--config-path", "examples/aquila/conf", "--config-name", "train", "action=dryrun",
+    proc = run_py("--config-path", "examples/aquila/conf", "--config-name", "train_cluster", "action=dryrun",
                   f"experiment.exp_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.replace("\n", " ")
-    for expected in ("--nproc-per-node 8", "--node-rank 1", "--master-addr node1", "--bf16",
-                     "--use-distributed-optimizer", "--tensor-model-parallel-size 2", "--num-layers 32"):
+    for expected in ("--nproc-per-node 8", "--node-rank 1", "--master-addr node1", "--fp16", "--max-restarts 0",
+                     "--use-distributed-optimizer", "--tensor-model-parallel-size 1", "--num-layers 32",
+                     "runs inside container flagscale_train", "--seed 42"):
         assert expected in out
     scripts = sorted(p.name for p in (tmp_path / "logs" / "scripts").iterdir())
     assert scripts == ["node1.sh", "node2.sh"]

@@ -40,12 +40,21 @@ def test_job_state(states: tuple, stop_requested: bool, expected: JobState) -> N
     assert job_state(_states(*states), stop_requested) is expected
 
 
-def test_locate_names_yaml_line_and_overrides(tmp_path: Path) -> None:
-    (tmp_path / "a.yaml").write_text("x:\n  num_layers: 2\n")
-    source = ConfigSource(config_dir=tmp_path, config_name="a", overrides=("train.model.lr=1",))
-    assert source.locate("train.model.num_layers") == f"{tmp_path}/a.yaml:2"
+def test_locate_names_the_file_that_set_the_key(tmp_path: Path) -> None:
+    """The same leaf name in several files: the one composed last under that key wins, not the first match."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "a.yaml").write_text("defaults:\n  - train: big\n  - _self_\nx:\n  num_layers: 2\n"
+                                     "train:\n  model:\n    seq_length: 8\n")
+    (tmp_path / "train" / "big.yaml").write_text("model:\n  num_layers: 2\n  seq_length: 4\n")
+    (tmp_path / "train" / "small.yaml").write_text("model:\n  num_layers: 1\n")
+    source = ConfigSource(config_dir=tmp_path, config_name="a", overrides=("train.model.lr=1",),
+                          choices=(("train", "big"),))
+    assert source.locate("train.model.num_layers") == f"{tmp_path}/train/big.yaml:2"
+    assert source.locate("train.model.seq_length") == f"{tmp_path}/a.yaml:8"  # _self_ after the group
+    assert source.locate("x.num_layers") == f"{tmp_path}/a.yaml:5"
     assert source.locate("train.model.lr") == "command-line override 'train.model.lr=1'"
-    assert source.locate("train.model.nope") == "the composed config"
+    assert source.locate("train.model.nope") == f"{tmp_path}/a.yaml:7"  # the closest enclosing key
+    assert source.locate("nope") == "the composed config"
 
 
 def test_schema_rejects_wrong_types_and_unknown_backends() -> None:
@@ -53,7 +62,7 @@ def test_schema_rejects_wrong_types_and_unknown_backends() -> None:
         build(ExperimentConfig, {"runner": {"no_shared_fs": "yes"}}, "experiment")
     with pytest.raises(ConfigError, match="backend must be 'torchrun' or 'direct'"):
         build(ExperimentConfig, {"runner": {"backend": "mpirun"}}, "experiment")
-    with pytest.raises(ConfigError, match="task.type 'finetune' is not one of"):
+    with pytest.raises(ConfigError, match="task.type 'finetune' is unknown"):
         build(ExperimentConfig, {"task": {"type": "finetune"}}, "experiment")
 
 

@@ -62,7 +62,7 @@ def test_unknown_key_has_no_option() -> None:
 
 
 def test_every_dest_is_its_option_name() -> None:
-    for action in arguments.build_parser()._actions:
+    for action in arguments.implemented_parser()._actions:
         if action.dest != "help":
             assert action.option_strings == ["--" + action.dest.replace("_", "-")]
 

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# FlagScale train job RUNID: host localhost (node rank 0)
+set -e
+exit_file=/exp/aquila/logs/RUNID/localhost.exit
+mkdir -p /exp/aquila/logs/RUNID
+cd <REPO>
+export PYTHONUNBUFFERED=1
+export OMP_NUM_THREADS=1
+export CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+set +e
+<VENV_BIN>/torchrun --nnodes 1 --nproc-per-node 8 --node-rank 0 --master-addr localhost --master-port 29555 --rdzv-id RUNID --log-dir /exp/aquila/logs/RUNID/torchrun/localhost --redirects 3 --tee 3 <REPO>/flagscale/train/train_gpt.py --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --disable-bias-linear --use-flash-attn --use-distributed-optimizer --fp16 --initial-loss-scale 522893 --min-loss-scale 1.0 --attention-softmax-in-fp32 --accumulate-allreduce-grads-in-fp32 --log-interval 1 --tensorboard-log-interval 1 --wandb-project train-aquila-7B --wandb-exp-name train-test-7B --save-interval 2000 --num-layers 32 --hidden-size 4096 --num-attention-heads 32 --seq-length 2048 --max-position-embeddings 2048 --norm-epsilon 1e-05 --use-rotary-position-embeddings --no-position-embedding --swiglu --multiple-of 256 --normalization RMSNorm --untie-embeddings-and-output-weights --init-method-std 0.02 --attention-dropout 0.0 --hidden-dropout 0.0 --clip-grad 1.0 --train-samples 1002539063 --eval-iters 0 --micro-batch-size 2 --global-batch-size 1728 --seed 1234 --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --lr 2e-05 --min-lr 2e-06 --lr-warmup-samples 3076172 --lr-decay-style cosine --data-path /data/aquila/pile_wikipedia_demo --split 1 --tokenizer-type AquilaTokenizerFS --vocab-file ./examples/aquila/tokenizer/vocab.json --merge-file ./examples/aquila/tokenizer/merges.txt --special-tokens-file ./examples/aquila/tokenizer/special_tokens.txt --vocab-size 100008 --save /exp/aquila/checkpoints --load /exp/aquila/checkpoints --tensorboard-dir /exp/aquila/tensorboard --wandb-save-dir /exp/aquila/wandb --metrics-dir /exp/aquila/logs/RUNID
+status=$?
+echo "$status" > "$exit_file"
+exit "$status"
