@@ -138,7 +138,7 @@ class TrainRunner(TaskRunner):
         args = self._parse(ctx, arguments)
         world = sum(ctx.nproc(h) for h in ctx.hosts)
         try:
-            megatron_args.validate(args, world)
+            megatron_args.checked(args, world)
         except ConfigError as err:
             raise ConfigError(_locate_problems(str(err), arguments.leaves, ctx)) from None
         missing = [] if ctx.job.experiment.runner.no_shared_fs else _missing_data(args, ctx)
@@ -246,7 +246,7 @@ def _train_env(ctx: PlanContext, host: Host) -> dict[str, str]:
 
 
 def _missing_data(args: argparse.Namespace, ctx: PlanContext) -> list[str]:
-    """Each data prefix needs its .bin and .idx (weights in a blend are skipped)."""
+    """Each data prefix needs its .bin and .idx (weights in a blend are skipped); tokenizer files must exist."""
     prefixes, _ = megatron_args.parse_blend(getattr(args, "data_path", None) or [])
     problems = []
     for item in prefixes:
@@ -256,4 +256,9 @@ def _missing_data(args: argparse.Namespace, ctx: PlanContext) -> list[str]:
                 f"data path {item} has no {' or '.join(missing)} file (train.data.data_path, in "
                 f"{ctx.job.source.locate('train.data.data_path')}); create it with tools/datasets/preprocess_data.py"
             )
+    leaves = train_arguments(ctx).leaves
+    for name in ("tokenizer_model", "vocab_file", "merge_file", "special_tokens_file"):
+        path, value = leaves.get(name, ("", None))
+        if value and not Path(str(value)).expanduser().exists():
+            problems.append(f"{path} {value} does not exist (in {ctx.job.source.locate(path)})")
     return problems

@@ -12,7 +12,9 @@ is exactly the option `--foo-bar`.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
+import sys
 from collections.abc import Sequence
 from functools import cache
 
@@ -66,8 +68,6 @@ def _model(p: argparse._ArgumentGroup) -> None:
         help="Pad the vocabulary to a multiple of this (times TP).",
     )
     p.add_argument("--use-mcore-models", action="store_true", help="Always on here (Megatron-Core GPTModel).")
-    p.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
-    p.add_argument("--use-flash-attn", action="store_true", help="Needs TransformerEngine/flash-attn; validated only.")
     p.add_argument("--attention-softmax-in-fp32", action="store_true")
     p.add_argument("--no-masked-softmax-fusion", action="store_true")
     p.add_argument("--no-bias-gelu-fusion", action="store_true")
@@ -201,8 +201,6 @@ def _logging(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--tensorboard-log-interval", type=int, default=1)
     p.add_argument("--log-throughput", action="store_true", help="Always on here (tokens/s in every log line).")
     p.add_argument("--metrics-dir", help="FlagScale: write metrics.jsonl, TensorBoard events and loss_curve.png here.")
-    p.add_argument("--wandb-project", help="Accepted for upstream configs; not used.")
-    p.add_argument("--wandb-exp-name", help="Accepted for upstream configs; not used.")
 
 
 _GROUPS = (
@@ -244,9 +242,9 @@ def _add_generic(group: argparse._ArgumentGroup, argument: vocabulary.Argument) 
     """An argument from the vocabulary data, parsed as Megatron-LM parses it."""
     options, dest = list(argument.options), argument.dest
     if argument.kind == "flag":
-        group.add_argument(*options, dest=dest, action="store_true")
+        group.add_argument(*options, dest=dest, action="store_true", default=bool(argument.default))
     elif argument.kind == "negated_flag":
-        group.add_argument(*options, dest=dest, action="store_false")
+        group.add_argument(*options, dest=dest, action="store_false", default=argument.default is not False)
     else:
         kind = {"int": int, "float": float}.get(argument.type or "", str)
         nargs = "*" if argument.kind == "list" else None
@@ -279,30 +277,36 @@ def option_for_key(key: str) -> str | None:
     return "--" + key.replace("_", "-") if key in known_keys() else None
 
 
-def refused(args: argparse.Namespace) -> list[str]:
-    """Arguments set to a non-default value that this program does not implement (model-changing)."""
+def refused(argv: Sequence[str], args: argparse.Namespace) -> list[str]:
+    """Options on the command line that this program does not implement, set to a non-default value."""
+    implemented, table = implemented_keys(), vocabulary.megatron_arguments()
     names = []
-    implemented = implemented_keys()
-    for name, argument in vocabulary.megatron_arguments().items():
-        if vocabulary.category(name, implemented) != "not_implemented":
+    for token in argv:
+        key = vocabulary.normalize_key(token.split("=", 1)[0]) if token.startswith("--") else None
+        argument = table.get(key) if key else None
+        if argument is None or vocabulary.category(key, implemented) != "not_implemented":
             continue
         value = getattr(args, argument.dest, argument.default)
-        if (argument.kind == "negated_flag" and value is False) or (argument.kind == "flag" and value is True):
-            names.append(name)
-        elif argument.kind not in ("flag", "negated_flag") and value is not None and value != argument.default:
-            names.append(name)
+        if argument.kind in ("flag", "negated_flag") or value != argument.default:
+            names.append(key)
     return names
 
 
 def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None) -> argparse.Namespace:
-    """Parse, refuse what is not implemented, check (`validate`) and fill derived values (`derive`)."""
+    """Parse, refuse what is not implemented, check and fill derived values (`checked`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    not_implemented = refused(args)
+    not_implemented = refused(argv, args)
     if not_implemented:
         raise ConfigError("Megatron-LM arguments not implemented by this training program yet: "
                           + ", ".join(not_implemented))
+    return checked(args, world_size)
+
+
+def checked(args: argparse.Namespace, world_size: int | None) -> argparse.Namespace:
+    """`validate`, then `derive` (on a copy) and the checks that need derived values; the derived copy."""
     validate(args, world_size)
-    derived = derive(args, world_size)
+    derived = derive(copy.copy(args), world_size)
     problems = schedule_problems(derived)
     if problems:
         raise ConfigError("invalid training arguments:\n  - " + "\n  - ".join(problems))
@@ -506,3 +510,17 @@ def schedule_problems(args: argparse.Namespace) -> list[str]:
     if args.weight_decay_incr_style == "constant" and start != end:
         problems.append("start_weight_decay and end_weight_decay differ but weight_decay_incr_style is constant")
     return problems
+
+
+def drop_cuda_only(args: argparse.Namespace) -> list[str]:
+    """On a device without CUDA: reset every set CUDA-only performance option to its default; their names."""
+    actions = build_parser()._option_string_actions
+    dropped = []
+    for name in vocabulary.megatron_arguments():
+        action = actions.get("--" + name.replace("_", "-"))
+        if action is None or vocabulary.category(name, frozenset()) != "cuda_only":
+            continue
+        if getattr(args, action.dest, action.default) != action.default:
+            setattr(args, action.dest, action.default)
+            dropped.append(name)
+    return dropped

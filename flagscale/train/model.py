@@ -93,8 +93,8 @@ def _bias_activation_fusion(args: argparse.Namespace) -> bool:
 
 
 def _note_unused_options(args: argparse.Namespace) -> None:
-    if (args.transformer_impl == "transformer_engine" or args.use_flash_attn) and dist.get_rank() == 0:
-        print("note: transformer_impl/use_flash_attn are accepted; the local Megatron-Core spec is used", flush=True)
+    if args.use_flash_attn and dist.get_rank() == 0:
+        print("note: use_flash_attn is not applied: this program builds Megatron-Core's local layer spec", flush=True)
 
 
 def build_chunks(args: argparse.Namespace, config: TransformerConfig, vocab_size: int) -> list[GPTModel]:

@@ -19,7 +19,7 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
 from flagscale.exceptions import ConfigError
-from flagscale.train import cpu_shims
+from flagscale.train import arguments, cpu_shims
 from flagscale.train.arguments import SEQUENCE_PARALLEL_ON_CPU
 
 
@@ -77,6 +77,9 @@ def initialize(args: argparse.Namespace) -> Runtime:
     device = select_device(args)
     if device.type == "cpu":
         cpu_shims.install()
+        dropped = arguments.drop_cuda_only(args)
+        if dropped and os.environ.get("RANK", "0") == "0":
+            print(f"note: no CUDA here, so these CUDA-only options are dropped: {', '.join(dropped)}", flush=True)
     backend = args.distributed_backend or ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(

@@ -199,11 +199,13 @@ def test_inference_dryrun_and_errors(tmp_path: Path) -> None:
     text = script.read_text()
     assert "-m flagscale.inference.run_inference --config-json" in text
     config = json.loads(text.split("--config-json ")[1].split("\n")[0].strip("'"))
-    assert config["llm"]["model"] == "outputs/tiny_gpt/hf" and config["sampling"]["temperature"] == 0.0
+    assert config["llm"]["model"] == "outputs/tiny_gpt/hf"
+    assert config["generate"]["sampling"]["temperature"] == 0.0
     assert config["output_path"].startswith(f"{tmp_path}/outputs/")
-    for overrides, message in ((["inference.prompts=[]"], "needs prompts"),
-                               (["+inference.prompt_file=x"], "did you mean 'prompts_file'"),
-                               (["+inference.prompts_file=/nonexistent.txt"], "/nonexistent.txt does not exist")):
+    for overrides, message in ((["inference.generate.prompts=[]"], "needs prompts"),
+                               (["+inference.generate.prompt_file=x"], "did you mean 'prompts_file'"),
+                               (["+inference.generate.prompts_file=/nonexistent.txt"],
+                                "/nonexistent.txt does not exist")):
         bad = run_py(*base, "action=dryrun", *overrides, timeout=120)
         assert bad.returncode != 0 and message in bad.stderr, bad.stderr
 
