@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from flagscale.config.loader import ConfigSource
-from flagscale.main import HYDRA_QUIET, hydra_choices, hydra_quiet_overrides, run_job
+from flagscale.main import HYDRA_QUIET, hydra_choices, hydra_quiet_overrides, run_hydra_main, run_job
 
 
 @hydra.main(version_base=None, config_path=None, config_name=None)
@@ -33,4 +33,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv.extend(hydra_quiet_overrides(sys.argv[1:]))
-    main()
+    run_hydra_main(main, sys.argv[1:])

@@ -3,6 +3,7 @@ User errors become one line on stderr and a non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,27 @@ def _sets_run_dir(path: Path) -> bool:
     return isinstance(run, dict) and run.get("dir") is not None
 
 
+def compose_error(err: BaseException, config: Path | str) -> str:
+    """One line for a YAML file or Hydra composition that cannot be loaded (the file and line when known)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"cannot load {mark.name}:{mark.line + 1}: {err.problem} ({err.context or 'YAML syntax'}); fix that line"
+    key = getattr(err, "full_key", None)
+    where = f" (key {key})" if key else ""
+    return f"cannot compose {config}{where}: {str(err).splitlines()[0]}"
+
+
+def run_hydra_main(main: Any, argv: list[str]) -> None:
+    """Run a @hydra.main function; a config Hydra cannot compose ends in one line, exit status 2."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing a trace; the error is ours to show
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
+        path, name = _option(argv, "--config-path", "-cp") or ".", _option(argv, "--config-name", "-cn") or "?"
+        print(f"error: {compose_error(err, Path(path) / (name.removesuffix('.yaml') + '.yaml'))}", file=sys.stderr)
+        sys.exit(2)
+
+
 def hydra_choices(choices: Any) -> tuple[tuple[str, str | None], ...]:
     """Hydra's chosen config group options, without Hydra's own groups."""
     return tuple((str(k), None if v is None else str(v)) for k, v in dict(choices).items()
@@ -77,8 +99,8 @@ def compose_config(config_dir: Path, config_name: str, overrides: list[str]) -> 
     try:
         with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base=None):
             cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"cannot compose {config_dir}/{config_name}.yaml: {err}".splitlines()[0]) from None
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError(compose_error(err, config_dir / f"{config_name}.yaml")) from None
     choices = hydra_choices(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]

@@ -22,6 +22,7 @@ from flagscale.config.schema import (
     DeployConfig,
     ExperimentConfig,
     RunnerConfig,
+    TaskSpec,
     build,
     unknown_key_message,
 )
@@ -77,6 +78,8 @@ class JobConfig:
     raw: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     """Warnings found while loading (shown by dryrun and run)."""
+    referenced: frozenset[str] = frozenset()
+    """The X of every ${experiment.X} in the YAML (user variables must be among them)."""
 
     @property
     def exp_dir(self) -> Path:
@@ -103,7 +106,9 @@ def load_job_config(cfg: DictConfig, source: ConfigSource) -> JobConfig:
         raise ConfigError("the config has no 'experiment' section; compose an experiment YAML (see examples/)")
     notes: list[str] = []
     try:
-        shaped = upstream_shape(data["experiment"], _referenced(cfg), notes)
+        build(TaskSpec, data["experiment"].get("task"), "experiment.task")  # an unsupported task: say so first
+        referenced = _referenced(cfg)
+        shaped = upstream_shape(data["experiment"], notes)
         experiment = build(ExperimentConfig, shaped, "experiment")
     except ConfigError as err:
         raise ConfigError(_with_location(str(err), source)) from None
@@ -112,7 +117,8 @@ def load_job_config(cfg: DictConfig, source: ConfigSource) -> JobConfig:
     if action not in ("stop", "query") and not isinstance(task, (dict, list)):
         raise ConfigError(f"experiment.task.type is {task_type} but the config has no '{task_type}' section; "
                           f"add one via defaults (e.g. '- {task_type}: <size>')")
-    return JobConfig(action=action, experiment=experiment, task=task or {}, source=source, raw=data, notes=notes)
+    return JobConfig(action=action, experiment=experiment, task=task or {}, source=source, raw=data, notes=notes,
+                     referenced=frozenset(referenced))
 
 
 def _resolve(cfg: DictConfig, source: ConfigSource) -> dict[str, Any]:
@@ -158,7 +164,7 @@ def _referenced(cfg: DictConfig) -> set[str]:
     return found
 
 
-def upstream_shape(experiment: dict[str, Any], referenced: set[str], notes: list[str]) -> dict[str, Any]:
+def upstream_shape(experiment: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     """Upstream FlagScale's experiment mapping in our schema's shape: user variables set aside,
     `experiment.deploy` moved under the runner, torchrun options gathered for pass-through."""
     shaped = dict(experiment)
@@ -169,14 +175,20 @@ def upstream_shape(experiment: dict[str, Any], referenced: set[str], notes: list
     if runner or "runner" in shaped:
         shaped["runner"] = _runner_shape(runner)
     known = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"variables"}
-    variables = {}
-    for key in [k for k in shaped if k not in known]:
-        if key not in referenced:
-            raise ConfigError(unknown_key_message(f"experiment.{key}", key, sorted(known))
-                              + f"; a user variable in experiment is kept only if the YAML uses ${{experiment.{key}}}")
-        variables[key] = shaped.pop(key)
-    shaped["variables"] = variables
+    shaped["variables"] = {key: shaped.pop(key) for key in [k for k in shaped if k not in known]}
     return shaped
+
+
+def unused_variable_error(job: JobConfig) -> str | None:
+    """An experiment key that is neither a setting nor used as ${experiment.X}: a typo until shown otherwise.
+    (Checked after the task's own checks, so a task this project does not run is named first.)"""
+    known = [f.name for f in dataclasses.fields(ExperimentConfig) if f.name != "variables"]
+    for key in job.experiment.variables:
+        if key not in job.referenced:
+            where = job.source.locate(f"experiment.{key}")
+            return (unknown_key_message(f"experiment.{key}", key, sorted(known)) + "; a user variable in "
+                    f"experiment is kept only if the YAML uses ${{experiment.{key}}} (in {where})")
+    return None
 
 
 def _runner_shape(runner: dict[str, Any]) -> dict[str, Any]:

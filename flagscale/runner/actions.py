@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from flagscale.config.loader import JobConfig, select_hosts
-from flagscale.exceptions import FlagScaleError, JobRecordError, LaunchError
+from flagscale.config.loader import JobConfig, select_hosts, unused_variable_error
+from flagscale.exceptions import ConfigError, FlagScaleError, JobRecordError, LaunchError
 from flagscale.launcher.launcher import Launcher, job_state
 from flagscale.launcher.transport import SSHSettings
 from flagscale.record import JobRecord, JobState, load_record, record_path
@@ -44,6 +44,9 @@ def prepare(job: JobConfig) -> tuple[TaskRunner, PlanContext]:
     ctx = PlanContext(job=job, hosts=hosts, run_id=new_run_id(), master_port=job.experiment.runner.master_port,
                       notes=list(job.notes))
     runner.validate(ctx)
+    unused = unused_variable_error(job)
+    if unused:
+        raise ConfigError(unused)
     return runner, ctx
 
 

@@ -74,6 +74,19 @@ class Deployment:
             raise ConfigError(f"deployment {self.serve_id}: ready_timeout_s must be positive")
 
 
+def _with_engine_specific_args(item: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """Upstream's `engine_args_specific: {ENGINE: {...}}`: the chosen engine's entries join engine_args
+    (and win over them); the other engines' entries are for when that engine is chosen."""
+    item = dict(item)
+    specific = item.pop("engine_args_specific", None) or {}
+    if not isinstance(specific, Mapping):
+        raise ConfigError(f"{path}.engine_args_specific must map engine names to their arguments")
+    chosen = specific.get(item.get("engine", "vllm")) or {}
+    if chosen:
+        item["engine_args"] = {**dict(item.get("engine_args") or {}), **dict(chosen)}
+    return item
+
+
 def parse_deployments(task: Any, section: str = "serve") -> list[Deployment]:
     """The task section as deployments; names the list index of any problem."""
     if isinstance(task, Mapping):
@@ -95,6 +108,10 @@ def _one(item: Any, path: str) -> Deployment:
         raise ConfigError(f"{path} must be a mapping (serve_id, engine, engine_args, resources), got {item!r}")
     if "serve_id" not in item:
         raise ConfigError(f"{path} has no serve_id; give each deployment a name")
+    item = _with_engine_specific_args(item, path)
+    if "profile" in item:
+        raise ConfigError(f"{path}.profile: the serving auto-tuner's load profile is not supported yet; remove it "
+                          "(serving works without it)")
     try:
         return build(Deployment, item, path)
     except ConfigError as err:
