@@ -200,8 +200,11 @@ def _runner_shape(runner: dict[str, Any]) -> dict[str, Any]:
     fields = {f.name for f in dataclasses.fields(RunnerConfig)}
     options = torchrun_options()
     passed = dict(runner.get("torchrun_args") or {})
-    for key in [k for k in runner if k not in fields and normalize_key(k) in options]:
+    for key in [k for k in runner if k not in fields]:
         name = normalize_key(key)
+        if name not in options:
+            raise ConfigError(unknown_key_message(f"experiment.runner.{key}", key, sorted(fields | set(options)))
+                              + " (runner keys: FlagScale's settings and torchrun's options)")
         if name in TORCHRUN_OWNED:
             raise ConfigError(f"experiment.runner.{key}: {TORCHRUN_OWNED[name]}")
         value = runner.pop(key)

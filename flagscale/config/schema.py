@@ -190,8 +190,14 @@ def build(cls: type, data: Mapping[str, Any] | None, path: str) -> Any:
 
 
 def unknown_key_message(dotted: str, key: str, known: list[str]) -> str:
+    """`unknown key 'a.b'; did you mean 'c'?` (or the known keys, when they are few enough to read)."""
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
+    if close:
+        hint = f"; did you mean '{close[0]}'?"
+    elif len(known) <= 30:
+        hint = f"; known keys: {', '.join(sorted(known))}"
+    else:
+        hint = f"; no known key is close ({len(known)} known)"
     return f"unknown key '{dotted}'{hint}"
 
 
