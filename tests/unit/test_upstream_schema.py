@@ -124,8 +124,8 @@ def test_hostfile_named_but_missing_and_nnodes_without_hostfile(tmp_path: Path) 
 
 
 def test_placeholder_names_key_and_file(tmp_path: Path) -> None:
-    task = TINY_TASK.replace("data_path: [0.7, data/tiny_gpt/stories_text_document, 0.3, data/tiny_gpt/facts_text_document]",
-                             "data_path: ${data_path:??}")
+    line = next(x for x in TINY_TASK.splitlines() if x.strip().startswith("data_path:"))
+    task = TINY_TASK.replace(line, "  data_path: ${data_path:??}")
     conf = _conf(tmp_path, EXPERIMENT.format(exp_dir=tmp_path / "exp"), task=task)
     proc = run_py("--config-path", str(conf), "--config-name", "train", "action=dryrun")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
