@@ -10,6 +10,7 @@ the full run (lr_decay_iters pinned), so a trial measures exactly what the real 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import statistics
 import time
@@ -23,7 +24,6 @@ from flagscale.auto_tuner.history import TrialResult, TrialStatus
 from flagscale.auto_tuner.space import Candidate
 from flagscale.config.flatten import flatten_leaves
 from flagscale.config.loader import ConfigSource, JobConfig
-from flagscale.config.schema import ExperimentConfig, build
 from flagscale.exceptions import FlagScaleError
 from flagscale.launcher.launcher import Launcher
 from flagscale.record import HostRecord, JobRecord, JobState
@@ -77,8 +77,9 @@ def job_with(base: JobConfig, task: dict[str, Any], exp_dir: Path | str, exp_nam
     raw["experiment"] = {**raw["experiment"], "exp_dir": str(exp_dir), "exp_name": exp_name}
     raw["experiment"].pop("auto_tuner", None)
     raw["train"], raw["action"] = task, action
-    experiment = build(ExperimentConfig, raw["experiment"], "experiment")
-    return JobConfig(action=action, experiment=experiment, task=task, source=ConfigSource(), raw=raw)
+    experiment = dataclasses.replace(base.experiment, exp_dir=str(exp_dir), exp_name=exp_name, auto_tuner=None)
+    return JobConfig(action=action, experiment=experiment, task=task, source=ConfigSource(), raw=raw,
+                     referenced=base.referenced)
 
 
 @dataclass(slots=True, kw_only=True)

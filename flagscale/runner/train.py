@@ -181,11 +181,13 @@ class TrainRunner(TaskRunner):
         }
 
     def _parse(self, ctx: PlanContext, arguments: TrainArguments) -> argparse.Namespace:
-        argv = to_argv(arguments.leaves)
+        parser = megatron_args.build_parser()
+        parser.exit_on_error = False
         try:
-            return megatron_args.build_parser().parse_args(argv)
-        except SystemExit:
-            raise ConfigError(f"the train section does not parse as Megatron arguments: {' '.join(argv)}") from None
+            return parser.parse_args(to_argv(arguments.leaves))
+        except argparse.ArgumentError as err:
+            raise ConfigError(f"the train section does not parse as the training program's arguments: {err} "
+                              "(see python flagscale/train/train_gpt.py --help)") from None
 
     def _entrypoint(self, ctx: PlanContext) -> str:
         entry = Path(ctx.job.experiment.task.entrypoint or DEFAULT_ENTRYPOINT)
