@@ -145,7 +145,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_data: Path, tmp_path: Path) ->
 
 
 def test_sequence_parallel_on_cpu_is_a_clear_error(tiny_data: Path) -> None:
-    run = single_process(*SMALL_MODEL, *data_args(tiny_data), "--train-iters", "2", "--sequence-parallel")
+    run = single_process(*SMALL_MODEL, *data_args(tiny_data), "--train-iters", "3", "--sequence-parallel")
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == (
         "error: sequence_parallel needs CUDA (Apex/TransformerEngine LayerNorm); set sequence_parallel: false"
