@@ -132,7 +132,8 @@ def _resolve(cfg: DictConfig, source: ConfigSource) -> dict[str, Any]:
             raise ConfigError(f"cannot resolve the config: {reason}") from None
         raw = _raw_value(cfg, key)
         shown = f"{key}: '{raw}'" if raw is not None else key
-        kind = "is a placeholder to fill in" if "Unsupported interpolation type" in reason else "cannot be resolved"
+        placeholder = "Unsupported interpolation type" in reason or "??" in (raw or "")
+        kind = "is a placeholder to fill in" if placeholder else "cannot be resolved"
         raise ConfigError(f"{shown} {kind} ({reason}); set it, e.g. {key}=VALUE on the command line "
                           f"(in {source.locate(key)})") from None
 

@@ -43,6 +43,8 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[2]
 OUTCOMES = ("ok", "reason", "unknown-key", "traceback", "timeout", "other", "skipped")
+# Our run.py's line for a placeholder left in a YAML: "KEY: '${...}' is a placeholder to fill in ..."
+FILLABLE = re.compile(r"^([\w.\[\]]+): '.*' is a placeholder to fill in")
 PLACEHOLDER = re.compile(r"\?\?|Unsupported interpolation type|\bx{3,}\b|\bx(\.x){2,}\b|/path/to/|<x+>")
 MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([\w.]+)'")
 # Wide when piped or captured, so the table keeps one line per YAML.
@@ -70,6 +72,8 @@ class Result:
     placeholder: bool
     seconds: float
     returncode: int | None
+    filled: list[str] = field(default_factory=list)
+    """Overrides --fill-placeholders added (one per placeholder our run.py named)."""
 
 
 @dataclass(slots=True)
@@ -194,20 +198,31 @@ def make_stub(stub_dir: Path, module: str) -> str:
 # ---------------------------------------------------------------- running and classifying
 
 
-def run_target(engine: Engine, target: Target, exp_root: Path, timeout: float) -> Result:
+def run_target(engine: Engine, target: Target, exp_root: Path, timeout: float, fill: bool = False) -> Result:
+    """One dryrun; with `fill`, each placeholder our run.py names is filled with a path like a user's and the
+    dryrun repeated (what a user gets after filling in their own data/tokenizer/model paths)."""
     exp_dir = exp_root / f"{target.model}_{target.name}"
     argv = [*engine.argv0, "--config-path", str(target.conf_dir), "--config-name", target.name,
             "action=dryrun", f"experiment.exp_dir={exp_dir}"]
     if engine.name == "upstream":  # Hydra's own output (.hydra/, run.log) goes there too, not into the tree
         argv.append(f"hydra.run.dir={exp_dir}/hydra")
+    filled: list[str] = []
     started = time.perf_counter()
-    try:
-        proc = subprocess.run(argv, cwd=engine.cwd, env=engine.env, capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return make_result(engine, target, "timeout", f"no exit within {timeout:.0f}s", time.perf_counter() - started)
-    outcome, reason = classify(proc.returncode, proc.stderr)
-    return make_result(engine, target, outcome, reason, time.perf_counter() - started, proc.returncode)
+    while True:
+        try:
+            proc = subprocess.run([*argv, *filled], cwd=engine.cwd, env=engine.env, capture_output=True, text=True,
+                                  timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return make_result(engine, target, "timeout", f"no exit within {timeout:.0f}s",
+                               time.perf_counter() - started)
+        outcome, reason = classify(proc.returncode, proc.stderr)
+        key = FILLABLE.match(reason)
+        if not fill or key is None or len(filled) >= 6 or any(f.startswith(key.group(1) + "=") for f in filled):
+            break
+        filled.append(f"{key.group(1)}=/path/to/your/{key.group(1).rsplit('.', 1)[-1]}")
+    result = make_result(engine, target, outcome, reason, time.perf_counter() - started, proc.returncode)
+    result.filled = filled
+    return result
 
 
 def make_result(engine: Engine, target: Target, outcome: str, reason: str, seconds: float,
@@ -262,7 +277,8 @@ def run_engine(engine: Engine, targets: list[Target], work: Path, args: argparse
         elif engine.name == "upstream" and target.task_type == "serve" and not args.include_serve:
             results.append(skipped(engine, target, "upstream run.py has no dryrun for serve"))
         else:
-            results.append(run_target(engine, target, work / engine.name, args.timeout))
+            fill = args.fill_placeholders and engine.name == "ours"
+            results.append(run_target(engine, target, work / engine.name, args.timeout, fill))
         if args.verbose:
             console.print(f"  {engine.name} {target.model}/{target.name}: {results[-1].outcome}")
     return results
@@ -330,6 +346,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stub-missing", action="store_true",
                         help="upstream engine: empty stand-ins for modules its run.py imports but are not installed")
     parser.add_argument("--include-serve", action="store_true", help="upstream engine: run serve YAMLs too")
+    parser.add_argument("--fill-placeholders", action="store_true",
+                        help="ours: fill each placeholder run.py names (KEY=/path/to/your/KEY) and dry-run again")
     parser.add_argument("--width", type=int, default=90, help="reason column width")
     parser.add_argument("--verbose", action="store_true", help="a line per YAML as it finishes")
     return parser.parse_args()
