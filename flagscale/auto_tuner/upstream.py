@@ -82,6 +82,17 @@ class _Reader:
             self.data[name] = dict(value)
         return self.data.get(name)
 
+    def take(self, name: str) -> Mapping[str, Any] | None:
+        """Remove an upstream-only section (algo, platform) and return it, its keys checked."""
+        value = self.data.pop(name, None)
+        if value is not None and not isinstance(value, Mapping):
+            raise ConfigError(f"{PATH}.{name} must be a mapping, got {value!r}")
+        unknown = sorted(set(value or {}) - set(SECTION_KEYS[name]))
+        if unknown:
+            raise ConfigError(f"unknown key '{PATH}.{name}.{unknown[0]}'; known keys: "
+                              f"{', '.join(SECTION_KEYS[name])}")
+        return value
+
     def refuse_unsupported(self) -> None:
         for dotted, why in UNSUPPORTED.items():
             *parent, key = dotted.split(".")
@@ -220,14 +231,9 @@ def _set_metric(reader: _Reader, performance: dict[str, Any], metric: str, sourc
 
 
 def _algo(reader: _Reader) -> None:
-    algo = reader.data.pop("algo", None)
+    algo = reader.take("algo")
     if algo is None:
         return
-    if not isinstance(algo, Mapping):
-        raise ConfigError(f"{PATH}.algo must be a mapping, got {algo!r}")
-    unknown = sorted(set(algo) - set(SECTION_KEYS["algo"]))
-    if unknown:
-        raise ConfigError(f"unknown key '{PATH}.algo.{unknown[0]}'; known keys: name, priority")
     if algo.get("priority") is not None:
         reader.refuse(f"algo.priority: '{algo['priority']}' orders upstream's grid; trials here are ordered by "
                       "predicted step time; remove it")
@@ -243,14 +249,9 @@ def _algo(reader: _Reader) -> None:
 
 
 def _platform(reader: _Reader) -> None:
-    platform = reader.data.pop("platform", None)
+    platform = reader.take("platform")
     if platform is None:
         return
-    if not isinstance(platform, Mapping):
-        raise ConfigError(f"{PATH}.platform must be a mapping, got {platform!r}")
-    unknown = sorted(set(platform) - set(SECTION_KEYS["platform"]))
-    if unknown:
-        raise ConfigError(f"unknown key '{PATH}.platform.{unknown[0]}'; known keys: airs_switch")
     if platform.get("airs_switch"):
         reader.refuse("platform.airs_switch: the AIRS (Jiuding) platform hook is not implemented; set it false "
                       "or remove platform")

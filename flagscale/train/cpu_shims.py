@@ -3,7 +3,7 @@
 Megatron-Core assumes CUDA in a few hundred places. Rather than patching its files, this module
 redirects the handful of entry points those places go through. It reaches into private internals,
 so megatron-core is pinned (requirements/train.txt) and every shim lives here, applied once by
-`install()` and only when CUDA is absent. See shared/notes/megatron-core-on-cpu.md for the sites.
+`install()` and only when CUDA is absent; each shim's docstring names the Megatron-Core site it covers.
 """
 
 from __future__ import annotations
