@@ -13,11 +13,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import paramiko
+from typing import TYPE_CHECKING
 
 from flagscale.config.hostfile import Host
 from flagscale.exceptions import LaunchError
+
+if TYPE_CHECKING:  # imported where used: a dryrun on this machine alone needs no SSH library
+    import paramiko
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,8 @@ class SSHTransport(Transport):
         return self._client
 
     def _open(self) -> paramiko.SSHClient:
+        import paramiko
+
         client = paramiko.SSHClient()
         client.load_system_host_keys()
         strict = self.settings.strict_host_key_checking
@@ -138,6 +142,8 @@ class SSHTransport(Transport):
         return f"host {self.host.name}{line} via {self.target}"
 
     def run(self, argv: list[str], timeout: float | None = None) -> CommandResult:
+        import paramiko
+
         client = self.connect()
         try:
             _, stdout, stderr = client.exec_command(shlex.join(argv), timeout=timeout)
@@ -184,6 +190,8 @@ class SSHTransport(Transport):
 
 def _resolve(host: Host, settings: SSHSettings) -> tuple[str, int, str | None, list[str]]:
     """Hostname, port, user and identity files: hostfile > runner.ssh_port > ~/.ssh/config > defaults."""
+    import paramiko
+
     config = paramiko.SSHConfig()
     path = Path(os.path.expanduser("~/.ssh/config"))
     if path.is_file():
