@@ -22,6 +22,7 @@ from flagscale.config import layout as parallel_layout
 from flagscale.config import vocabulary
 from flagscale.exceptions import ConfigError
 from flagscale.train.tokenizer import TOKENIZER_TYPES
+from flagscale.train.tokenizer import missing_arguments as missing_tokenizer_arguments
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 
@@ -167,7 +168,10 @@ def _checkpoint(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--save", help="Checkpoint directory to save to.")
     p.add_argument("--load", help="Checkpoint directory to resume from (missing = start fresh).")
     p.add_argument("--save-interval", type=int, help="Save every N iterations (and always at the end).")
-    p.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist")
+    p.add_argument(
+        "--ckpt-format", choices=("torch_dist", "torch"), default="torch_dist",
+        help="torch_dist (resharding) or torch (Megatron-LM's legacy per-rank files; same tp/pp to resume).",
+    )
     p.add_argument("--no-save-optim", action="store_true")
     p.add_argument("--no-save-rng", action="store_true")
     p.add_argument("--no-load-optim", action="store_true")
@@ -184,10 +188,12 @@ def _data(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes.")
     p.add_argument("--mock-data", action="store_true", help="Random tokens instead of --data-path.")
     p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="HuggingFaceTokenizer")
-    p.add_argument("--tokenizer-model", help="Folder with a Hugging Face tokenizer.json.")
-    p.add_argument("--vocab-file", help="AquilaTokenizerFS: GPT-2 style vocab.json.")
-    p.add_argument("--merge-file", help="AquilaTokenizerFS: BPE merges.txt.")
+    p.add_argument("--tokenizer-model", help="HuggingFaceTokenizer: a tokenizer folder; SentencePiece types: a .model.")
+    p.add_argument("--tokenizer-path", help="HFTokenizerFS and other *FS types: a tokenizer folder or tokenizer.json.")
+    p.add_argument("--vocab-file", help="GPT2BPETokenizer, AquilaTokenizerFS: GPT-2 style vocab.json.")
+    p.add_argument("--merge-file", help="GPT2BPETokenizer, AquilaTokenizerFS: BPE merges.txt.")
     p.add_argument("--special-tokens-file", help="AquilaTokenizerFS: special tokens, one per line.")
+    p.add_argument("--vocab-extra-ids", type=int, default=0, help="SentencePieceTokenizer: <extra_id_N> sentinels.")
     p.add_argument("--reset-position-ids", action="store_true")
     p.add_argument("--reset-attention-mask", action="store_true")
     p.add_argument("--eod-mask-loss", action="store_true")
@@ -431,12 +437,11 @@ def _data_problems(args: argparse.Namespace) -> list[str]:
             parse_blend(args.data_path)
         except ConfigError as err:
             problems.append(str(err))
-    if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
-        problems.append("tokenizer_type HuggingFaceTokenizer needs tokenizer_model (a folder with tokenizer.json)")
-    if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
-        problems.append("tokenizer_type NullTokenizer needs vocab_size")
-    if args.tokenizer_type == "AquilaTokenizerFS" and not (args.vocab_file and args.merge_file):
-        problems.append("tokenizer_type AquilaTokenizerFS needs vocab_file and merge_file (and special_tokens_file)")
+    missing = missing_tokenizer_arguments(args)
+    if missing:
+        problems.append(f"tokenizer_type {args.tokenizer_type} needs {' and '.join(missing)}")
+    if args.vocab_extra_ids and args.tokenizer_type != "SentencePieceTokenizer":
+        problems.append(f"vocab_extra_ids applies to SentencePieceTokenizer only, not {args.tokenizer_type}")
     return problems
 
 

@@ -2,6 +2,12 @@
 
     python tools/datasets/preprocess_data.py --input corpus.jsonl --json-keys text \
         --tokenizer-model data/tok --output-prefix data/corpus --append-eod
+    python tools/datasets/preprocess_data.py --input corpus.jsonl --tokenizer-type GPT2BPETokenizer \
+        --vocab-file vocab.json --merge-file merges.txt --output-prefix data/corpus --append-eod
+
+Every text tokenizer of the training program can be used, with the training's own arguments
+(`--tokenizer-type` and its files: `--tokenizer-model`, `--vocab-file`/`--merge-file`,
+`--special-tokens-file`, `--tokenizer-path`, `--vocab-extra-ids`), so the ids match training.
 
 Writes `<output-prefix>_<key>_document.bin/.idx` per JSON key (Megatron-LM's naming), so the
 training `--data-path` is `<output-prefix>_text_document`. A plain-text input (any name not ending
@@ -21,7 +27,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run by path: make `flagscale` and `tools` importable from the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from flagscale.train.tokenizer import HFTokenizer
+from flagscale.exceptions import ConfigError
+from flagscale.train.tokenizer import TEXT_TOKENIZER_TYPES, TextTokenizer, build_tokenizer, missing_arguments
 
 BATCH_DOCUMENTS = 1000
 
@@ -65,7 +72,7 @@ def _batches(documents: Iterator[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def write_indexed(documents: Iterator[str], tokenizer: HFTokenizer, prefix: str, append_eod: bool) -> tuple[int, int]:
+def write_indexed(documents: Iterator[str], tokenizer: TextTokenizer, prefix: str, append_eod: bool) -> tuple[int, int]:
     """Tokenize documents into prefix.bin/.idx; return (documents, tokens) written."""
     import torch
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
@@ -91,8 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-format", choices=("auto", "jsonl", "text"), default="auto")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="JSON fields to tokenize.")
     parser.add_argument("--output-prefix", required=True, help="Output path prefix.")
-    parser.add_argument("--tokenizer-type", choices=("HuggingFaceTokenizer",), default="HuggingFaceTokenizer")
-    parser.add_argument("--tokenizer-model", required=True, help="Folder with a Hugging Face tokenizer.json.")
+    parser.add_argument("--tokenizer-type", choices=TEXT_TOKENIZER_TYPES, default="HuggingFaceTokenizer")
+    parser.add_argument("--tokenizer-model", help="HuggingFaceTokenizer: a tokenizer folder; SentencePiece: a .model.")
+    parser.add_argument("--tokenizer-path", help="*FS tokenizers: a tokenizer folder or tokenizer.json.")
+    parser.add_argument("--vocab-file", help="GPT2BPETokenizer, AquilaTokenizerFS: vocab.json.")
+    parser.add_argument("--merge-file", help="GPT2BPETokenizer, AquilaTokenizerFS: merges.txt.")
+    parser.add_argument("--special-tokens-file", help="AquilaTokenizerFS: special tokens, one per line.")
+    parser.add_argument("--vocab-extra-ids", type=int, default=0, help="SentencePieceTokenizer: <extra_id_N> tokens.")
     parser.add_argument("--append-eod", action="store_true", help="Append the eos token to every document.")
     parser.add_argument("--workers", type=int, default=1, help="Tokenizer threads.")
     return parser
@@ -100,9 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
     """Preprocess; return the written prefixes."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = missing_arguments(args)
+    if missing:
+        parser.error(f"--tokenizer-type {args.tokenizer_type} needs "
+                     + " and ".join("--" + name.replace("_", "-") for name in missing))
     os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, args.workers)))
-    tokenizer = HFTokenizer(args.tokenizer_model)
+    try:
+        tokenizer = build_tokenizer(args)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     Path(args.output_prefix).parent.mkdir(parents=True, exist_ok=True)
     prefixes = []
     for key in args.json_keys:
