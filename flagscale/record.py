@@ -32,12 +32,17 @@ class JobState(str, Enum):
 class HostRecord:
     host: Host
     node_rank: int
-    pgid: int
+    pgid: int | None
+    """The process group (= session) of the host's script; None while only `pid_file` can tell it."""
     script: str
     log_path: str
     exit_file: str
     started_at: float
     stopped_at: float | None = None
+    start_time: int | None = None
+    """The script's start time on its host (field 22 of /proc/<pid>/stat), reported by the host controller."""
+    pid_file: str | None = None
+    """Where the host controller wrote pid, pgid and start time when it started the script."""
 
 
 @dataclass(slots=True, kw_only=True)

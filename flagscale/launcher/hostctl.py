@@ -1,8 +1,10 @@
 """Host-side process control, run on every host as `python -c <this file's source> VERB ...`.
 
 Standard library only: hosts need nothing installed but Python. It prints one JSON object.
-  start  SCRIPT LOG GRACE     start `bash SCRIPT` in a new session, output to LOG; report pid/pgid,
-                              or its exit code if it ended within GRACE seconds
+  start  SCRIPT LOG PID_FILE GRACE
+                              start `bash SCRIPT` in a new session, output to LOG; write its pid, pgid and
+                              start time to PID_FILE at once (a launcher that loses this answer finds the
+                              process there); report them, or its exit code if it ended within GRACE seconds
   status PGID EXIT_FILE       the processes of the job tree and the recorded exit code
   stop   PGID TIMEOUT         SIGTERM every process group of the job tree, wait, SIGKILL the rest
   port   PORT                 PORT (0: any) if it can be bound here, else an error
@@ -54,25 +56,46 @@ def _tree(root):
     return members
 
 
+def _start_time(pid):
+    """Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot (None: no such process)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def _write_private(path, text):
+    """Write `text` to `path`, readable by the owner only, atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def _alive(pids):
     live = {p[0] for p in _procs()}
     return [pid for pid in pids if pid in live]
 
 
-def start(script, log, grace):
+def start(script, log, pid_file, grace):
     os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
     with open(log, "wb") as out, open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen(
             ["bash", script], stdin=devnull, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True,
         )
+    ident = {"pid": proc.pid, "pgid": proc.pid, "start": _start_time(proc.pid)}
+    _write_private(pid_file, json.dumps(ident))
     deadline = time.time() + float(grace)
     while time.time() < deadline:
         code = proc.poll()
         if code is not None:
-            return {"pid": proc.pid, "pgid": proc.pid, "exited": code, "tail": _tail(log)}
+            return {**ident, "exited": code, "tail": _tail(log)}
         time.sleep(0.05)
-    return {"pid": proc.pid, "pgid": proc.pid, "exited": None}
+    return {**ident, "exited": None}
 
 
 def _tail(path, limit=2000):

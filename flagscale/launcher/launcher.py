@@ -20,6 +20,7 @@ from flagscale.runner.plan import Plan, ProcessSpec, render_script
 
 HOSTCTL = Path(__file__).with_name("hostctl.py").read_text()
 START_GRACE_S = 0.5
+START_TIMEOUT_S = 60.0
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -77,7 +78,14 @@ class Launcher:
         if result.returncode != 0 or not lines:
             detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise LaunchError(f"host {host.name} ({transport.target}): '{self.python}' failed: {detail}")
-        return json.loads(lines[-1])
+        try:
+            answer = json.loads(lines[-1])
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise LaunchError(f"host {host.name} ({transport.target}): the host controller answered {lines[-1]!r}, "
+                              f"not a JSON object; check that '{self.python}' there is Python 3")
+        return answer
 
     def connect_all(self, hosts: list[Host], master: Host, port: int | None) -> int:
         """Open every host's connection at once (an unreachable host fails here, before anything
@@ -109,53 +117,114 @@ class Launcher:
         return int(answer["port"])
 
     def launch(self, plan: Plan, record_base: dict[str, Any]) -> JobRecord:
-        """Start every host's script; if any host fails, stop those that started and raise."""
-        for spec in plan.processes if self.shared_fs else []:
-            _write_local(plan.script_path(spec), render_script(plan, spec))
-        outcomes = parallel(plan.processes, lambda spec: self._start_one(plan, spec))
-        started = [o for o in outcomes if isinstance(o, HostRecord)]
+        """Start every host's script and save the job record. Whatever ends the launch early (a host that
+        fails, a malformed answer, a time-out, Ctrl-C), the hosts that started are stopped and the record is
+        still saved, so a later `stop` reaches anything this one could not."""
+        record = JobRecord(hosts=[], **record_base)
+        started: dict[int, HostRecord] = {}
+        try:
+            self._write_scripts(plan)
+            outcomes = parallel(list(enumerate(plan.processes)), lambda item: self._start_one(plan, *item, started))
+        except BaseException:
+            self._roll_back_start(plan, record, started)
+            raise
         failed = [(spec, o) for spec, o in zip(plan.processes, outcomes) if isinstance(o, Exception)]
-        record = JobRecord(hosts=started, **record_base)
         if failed:
-            self.stop(record, timeout=5)
+            self._roll_back_start(plan, record, started)
             lines = [f"  {spec.host.name}: {err}" for spec, err in failed]
-            cleanup = f"; stopped the {len(started)} host(s) that had started" if started else ""
-            raise LaunchError(f"launch failed on {len(failed)} of {len(plan.processes)} host(s){cleanup}:\n"
-                              + "\n".join(lines))
+            raise LaunchError(f"launch failed on {len(failed)} of {len(plan.processes)} host(s)"
+                              f"{_cleanup_note(record)}:\n" + "\n".join(lines))
+        record.hosts = [started[i] for i in sorted(started)]
+        record.save()
         return record
 
-    def _start_one(self, plan: Plan, spec: ProcessSpec) -> HostRecord:
+    def _write_scripts(self, plan: Plan) -> None:
+        for spec in plan.processes if self.shared_fs else []:
+            _write_local(plan.script_path(spec), render_script(plan, spec))
+
+    def _start_one(self, plan: Plan, index: int, spec: ProcessSpec, started: dict[int, HostRecord]) -> HostRecord:
+        """Start one host's script; its record goes into `started` as soon as the host reports a process."""
         script = plan.script_path(spec)
         if not self.shared_fs:
             self.transport(spec.host).write_file(script, render_script(plan, spec))
-        answer = self.hostctl(spec.host, "start", script, spec.log_path, str(START_GRACE_S))
+        answer = self.hostctl(spec.host, "start", script, spec.log_path, spec.pid_file, str(START_GRACE_S),
+                              timeout=START_TIMEOUT_S)
+        host_record = _host_record(spec, script, answer)
+        started[index] = host_record
         if answer["exited"] not in (None, 0):
-            tail = "\n    ".join(answer.get("tail", "").strip().splitlines()[-5:])
+            tail = "\n    ".join(str(answer.get("tail", "")).strip().splitlines()[-5:])
             raise LaunchError(f"exited at once with status {answer['exited']} (log {spec.log_path}):\n    {tail}")
-        return HostRecord(host=spec.host, node_rank=spec.node_rank, pgid=int(answer["pgid"]), script=script,
-                          log_path=spec.log_path, exit_file=spec.exit_file, started_at=time.time())
+        return host_record
+
+    def _roll_back_start(self, plan: Plan, record: JobRecord, started: dict[int, HostRecord]) -> None:
+        """Record every process the launch may have started (found through its pid file when the host's answer
+        was lost), stop them, and save the record whatever happens."""
+        try:
+            for index, spec in enumerate(plan.processes):
+                if index not in started:
+                    found = self._started_unseen(plan, spec)
+                    if found is not None:
+                        started[index] = found
+            record.hosts = [started[i] for i in sorted(started)]
+            self.stop(record, timeout=5)
+        finally:
+            if record.hosts:
+                record.save()
+
+    def _started_unseen(self, plan: Plan, spec: ProcessSpec) -> HostRecord | None:
+        """A host whose start did not report: its process from the pid file, None if it never started, or a
+        record without pgid (to be resolved by a later `stop`) if the host cannot be asked now."""
+        unresolved = HostRecord(host=spec.host, node_rank=spec.node_rank, pgid=None, script=plan.script_path(spec),
+                                log_path=spec.log_path, exit_file=spec.exit_file, started_at=time.time(),
+                                pid_file=spec.pid_file)
+        try:
+            return unresolved if self._resolve(unresolved) else None
+        except FlagScaleError:
+            return unresolved
+
+    def _resolve(self, host_record: HostRecord) -> bool:
+        """Fill in pgid and start time from the pid file if the record lacks them; False: nothing was started."""
+        if host_record.pgid is not None:
+            return True
+        text = self.transport(host_record.host).read_text(host_record.pid_file) if host_record.pid_file else None
+        if text is None:
+            return False
+        try:
+            ident = json.loads(text)
+            host_record.pgid, host_record.start_time = int(ident["pgid"]), ident.get("start")
+        except (ValueError, KeyError, TypeError):
+            raise LaunchError(f"host {host_record.host.name}: {host_record.pid_file} is not a pid file "
+                              f"({text[:80]!r}); check that process group by hand") from None
+        return True
+
+    def roll_back(self, record: JobRecord, timeout: float = 5) -> None:
+        """Stop a job whose launch did not finish, and save its record whatever happens."""
+        try:
+            self.stop(record, timeout)
+        finally:
+            record.save()
 
     def stop(self, record: JobRecord, timeout: float = 15) -> list[StopResult]:
-        """TERM -> wait -> KILL the recorded groups of hosts not yet stopped; then after_stop."""
+        """TERM -> wait -> KILL the recorded groups of hosts not yet stopped; then after_stop. Each host that
+        was stopped is marked at once, so a failure elsewhere does not make a later `stop` repeat it."""
         record.mark_stop_requested()
         pending = [h for h in record.hosts if h.stopped_at is None]
         results = parallel(pending, lambda h: self._stop_one(h, timeout, record.after_stop))
-        out: list[StopResult] = []
-        for host_record, result in zip(pending, results):
-            if isinstance(result, Exception):
-                out.append(StopResult(host=host_record.host, error=str(result)))
-                continue
-            if not result.remaining:
-                host_record.stopped_at = time.time()
-            out.append(result)
-        return out
+        return [StopResult(host=h.host, error=str(r)) if isinstance(r, Exception) else r
+                for h, r in zip(pending, results)]
 
     def _stop_one(self, host_record: HostRecord, timeout: float, after_stop: list[str]) -> StopResult:
+        if not self._resolve(host_record):  # its start never began: nothing to stop there
+            host_record.stopped_at = time.time()
+            return StopResult(host=host_record.host)
         answer = self.hostctl(host_record.host, "stop", str(host_record.pgid), str(timeout),
                               timeout=timeout + 30)
         result = StopResult(host=host_record.host, found=answer["found"], killed=answer["killed"],
                             remaining=answer["remaining"])
-        if after_stop and not result.remaining:
+        if result.remaining:
+            return result
+        host_record.stopped_at = time.time()
+        if after_stop:
             done = self.transport(host_record.host).run(["bash", "-c", "\n".join(after_stop)], timeout=300)
             if done.returncode != 0:
                 result.error = f"after_stop exited {done.returncode}: {done.stderr.strip()[-300:]}"
@@ -206,6 +275,9 @@ class Launcher:
         ]
 
     def _status_one(self, host_record: HostRecord) -> HostStatus:
+        if not self._resolve(host_record):
+            state = JobState.STOPPED if host_record.stopped_at is not None else JobState.FAILED
+            return HostStatus(host=host_record.host, state=state)  # its launch never started it
         answer = self.hostctl(host_record.host, "status", str(host_record.pgid), host_record.exit_file)
         pids, code = answer["pids"], answer["exit_code"]
         if pids:
@@ -248,6 +320,31 @@ def parallel(items: list[T], work: Callable[[T], R]) -> list[R | Exception]:
 
     with ThreadPoolExecutor(max_workers=min(64, len(items))) as pool:
         return list(pool.map(guarded, items))
+
+
+def _host_record(spec: ProcessSpec, script: str, answer: dict[str, Any]) -> HostRecord:
+    """The record of a started host from the host controller's answer to `start`."""
+    try:
+        pgid, start, exited = int(answer["pgid"]), answer["start"], answer["exited"]
+    except (KeyError, ValueError, TypeError):
+        raise LaunchError(f"the host controller's answer to start lacks pid/pgid/start/exited ({answer}); the "
+                          f"process is found through {spec.pid_file}") from None
+    if exited is not None and not isinstance(exited, int):
+        raise LaunchError(f"the host controller's answer to start has exited={exited!r}; not an exit status")
+    return HostRecord(host=spec.host, node_rank=spec.node_rank, pgid=pgid, start_time=start, script=script,
+                      log_path=spec.log_path, exit_file=spec.exit_file, started_at=time.time(),
+                      pid_file=spec.pid_file)
+
+
+def _cleanup_note(record: JobRecord) -> str:
+    """What the roll-back did, for the launch error."""
+    if not record.hosts:
+        return ""
+    left = [h.host.name for h in record.hosts if h.stopped_at is None]
+    if not left:
+        return f"; stopped the {len(record.hosts)} process(es) that had started"
+    return (f"; could not stop what started on {', '.join(left)}: run action=stop once the host answers "
+            f"(recorded in {record.path})")
 
 
 def _write_local(path: str, text: str) -> None:

@@ -71,7 +71,14 @@ class LocalTransport(Transport):
     """This machine: argv runs directly, no shell in between."""
 
     def run(self, argv: list[str], timeout: float | None = None) -> CommandResult:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        """Run argv in a session of its own: a Ctrl-C in this terminal interrupts the launcher, which then
+        rolls back, never a host controller half-way through starting or stopping a job."""
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                                  start_new_session=True)
+        except subprocess.TimeoutExpired:
+            raise LaunchError(f"host {self.host.name}: {Path(argv[0]).name} did not finish within {timeout:.0f}s; "
+                              "is this machine overloaded?") from None
         return CommandResult(proc.returncode, proc.stdout, proc.stderr)
 
     def write_file(self, path: str, text: str, mode: int = 0o755) -> None:
@@ -155,24 +162,35 @@ class SSHTransport(Transport):
         return CommandResult(code, out, err)
 
     def write_file(self, path: str, text: str, mode: int = 0o755) -> None:
+        import paramiko
+
         self.run(["mkdir", "-p", os.path.dirname(path)])
-        sftp = self.connect().open_sftp()
         try:
-            with sftp.open(path, "w") as handle:
-                handle.write(text)
-            sftp.chmod(path, mode)
-        finally:
-            sftp.close()
+            sftp = self.connect().open_sftp()
+            try:
+                with sftp.open(path, "w") as handle:
+                    handle.write(text)
+                sftp.chmod(path, mode)
+            finally:
+                sftp.close()
+        except (OSError, paramiko.SSHException) as err:
+            raise LaunchError(f"{self._where()}: cannot write {path} over SFTP ({err or type(err).__name__}); "
+                              "check that the folder is writable there") from None
 
     def read_text(self, path: str) -> str | None:
-        sftp = self.connect().open_sftp()
+        import paramiko
+
         try:
-            with sftp.open(path, "r") as handle:
-                return handle.read().decode(errors="replace")
+            sftp = self.connect().open_sftp()
+            try:
+                with sftp.open(path, "r") as handle:
+                    return handle.read().decode(errors="replace")
+            finally:
+                sftp.close()
         except FileNotFoundError:
             return None
-        finally:
-            sftp.close()
+        except (OSError, paramiko.SSHException) as err:
+            raise LaunchError(f"{self._where()}: cannot read {path} over SFTP ({err or type(err).__name__})") from None
 
     def stream(self, argv: list[str]) -> Iterator[str]:
         channel = self.connect().get_transport().open_session()  # type: ignore[union-attr]

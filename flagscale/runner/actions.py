@@ -117,10 +117,13 @@ def launch(job: JobConfig) -> JobRecord:
         _check_ports(launcher, plan)
         _save_config(job, plan)
         record = launcher.launch(plan, _record_base(job, plan))
-        record.save()
-        remember_last_job(record.exp_dir)
-        if plan.ready is not None:
-            _wait_ready(launcher, record, plan.ready)
+        try:
+            remember_last_job(record.exp_dir)
+            if plan.ready is not None:
+                _wait_ready(launcher, record, plan.ready)
+        except BaseException:  # Ctrl-C or any error before the launch is complete: stop what started
+            launcher.roll_back(record, record.settings["stop_timeout"])
+            raise
     return record
 
 
@@ -242,7 +245,7 @@ def query_job(exp_dir: str | Path) -> int:
         table.add_column(column)
     for status, host_record in zip(statuses, record.hosts):
         elapsed = time.time() - host_record.started_at
-        table.add_row(status.host.name, status.state.value, str(host_record.pgid), str(len(status.pids)),
+        table.add_row(status.host.name, status.state.value, str(host_record.pgid or "?"), str(len(status.pids)),
                       f"{elapsed:,.0f}s", "" if status.exit_code is None else str(status.exit_code))
     console.print(table)
     for status in statuses:

@@ -32,6 +32,11 @@ class ProcessSpec:
     def exit_file(self) -> str:
         return str(Path(self.log_path).with_suffix(".exit"))
 
+    @property
+    def pid_file(self) -> str:
+        """Where the host controller notes the process's pid, pgid and start time as it starts it."""
+        return str(Path(self.log_path).with_suffix(".pid"))
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReadyCheck:

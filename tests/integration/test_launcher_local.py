@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -13,10 +14,11 @@ import pytest
 from flagscale.config.hostfile import LOCALHOST
 from flagscale.exceptions import LaunchError
 from flagscale.launcher.launcher import Launcher, job_state
-from flagscale.launcher.transport import SSHSettings
+from flagscale.launcher.transport import LocalTransport, SSHSettings
 from flagscale.record import JobState, load_record
 from flagscale.runner.plan import Plan, ProcessSpec
-from tests.conftest import pids_alive
+from tests.conftest import group_members, pids_alive, tiny_overrides
+from tests.helpers.jobs import SLEEPER, sleeper_overrides, tiny_job, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -93,3 +95,89 @@ def test_failed_job_state(tmp_path: Path) -> None:
         statuses = launcher.status(record)
     assert job_state(statuses, False) is JobState.FAILED
     assert statuses[0].exit_code == 7
+
+
+# --- a launch that ends half-way, for any reason, stops what started and still writes job.json ---
+
+
+def _pair_plan(tmp_path: Path) -> Plan:
+    """Two processes on this machine (labels a and b, as serve plans a server and a Ray node)."""
+    log_dir = tmp_path / "logs" / "run1"
+    specs = [ProcessSpec(host=LOCALHOST, node_rank=rank, argv=[sys.executable, str(SLEEPER)], cwd=str(tmp_path),
+                         log_path=str(log_dir / f"localhost-{label}.log"), label=label,
+                         env={"SLEEPER_DIR": str(tmp_path / "sleepers")})
+             for rank, label in enumerate("ab")]
+    return Plan(task_type="serve", exp_dir=str(tmp_path), run_id="run1", log_dir=str(log_dir), processes=specs)
+
+
+def _is_start_of_b(args: tuple) -> bool:
+    return args[0] == "start" and args[1].endswith("-b.sh")
+
+
+def _garbled_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """b's host controller starts b, but its answer is not what the launcher expects."""
+    real = Launcher.hostctl
+
+    def hostctl(self: Launcher, host, *args: str, **kwargs) -> dict:
+        answer = real(self, host, *args, **kwargs)
+        return {"pid": "?"} if _is_start_of_b(args) else answer
+
+    monkeypatch.setattr(Launcher, "hostctl", hostctl)
+
+
+def _local_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """b's host controller starts b, then outlives the launcher's time limit (a real subprocess time-out)."""
+    real = LocalTransport.run
+
+    def run(self: LocalTransport, argv: list[str], timeout: float | None = None):
+        if _is_start_of_b(tuple(argv[4:])):
+            return real(self, [*argv[:-1], "30"], timeout=1.0)  # grace 30 s, limit 1 s
+        return real(self, argv, timeout)
+
+    monkeypatch.setattr(LocalTransport, "run", run)
+
+
+def _interrupt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C arrives while b is being started (after b's process began)."""
+    real = Launcher.hostctl
+
+    def hostctl(self: Launcher, host, *args: str, **kwargs) -> dict:
+        answer = real(self, host, *args, **kwargs)
+        if _is_start_of_b(args):
+            raise KeyboardInterrupt
+        return answer
+
+    monkeypatch.setattr(Launcher, "hostctl", hostctl)
+
+
+@pytest.mark.parametrize("inject", [_garbled_answer, _local_timeout, _interrupt], ids=lambda f: f.__name__[1:])
+def test_launch_ending_half_way_stops_everything_and_records_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                inject) -> None:
+    plan = _pair_plan(tmp_path)
+    inject(monkeypatch)
+    with _launcher() as launcher, pytest.raises((LaunchError, KeyboardInterrupt)):
+        launcher.launch(plan, _record_base(plan))
+    record = load_record(tmp_path)  # written although the launch failed
+    pgids = [h.pgid for h in record.hosts]
+    assert len(pgids) == 2 and all(pgids), pgids  # b's process, whose answer was lost, was found too
+    wait_for(lambda: not group_members(pgids), 10, "the started processes to end")
+    assert all(h.stopped_at is not None for h in record.hosts)
+
+
+def test_interrupt_after_start_stops_the_job(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C between the start and the end of `launch` (here: while recording the last job)."""
+    from flagscale.runner import actions
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    job = tiny_job(*tiny_overrides(tiny_data, tmp_path), *sleeper_overrides(tmp_path))
+
+    def interrupted(exp_dir: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(actions, "remember_last_job", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        actions.launch(job)
+    record = json.loads((tmp_path / "job.json").read_text())
+    pgids = [h["pgid"] for h in record["hosts"]]
+    wait_for(lambda: not group_members(pgids), 10, "the job to be stopped")
+    assert record["stop_requested_at"] is not None and record["hosts"][0]["stopped_at"] is not None

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from flagscale.exceptions import LaunchError
 from tests.conftest import TINY_CONF, group_members, pids_alive, run_py, tiny_overrides
+from tests.helpers.jobs import sleeper_overrides, tiny_job, wait_for
 from tests.helpers.sshd import SSHCluster, free_port, sshd_available
 
 pytestmark = [
@@ -151,3 +153,34 @@ def test_no_shared_fs_copies_scripts_and_streams_logs(cluster: SSHCluster, tiny_
     assert logs is not None and "[127.0.0.2] sleeper" in logs.stdout and "[127.0.0.3] sleeper" in logs.stdout
     stop = run_py(*TINY_CONF, f"experiment.exp_dir={tmp_path}", "action=stop", env=cluster.env)
     assert stop.returncode == 0, stop.stdout
+
+
+def test_sftp_error_stops_started_hosts_and_records_them(cluster: SSHCluster, tiny_data: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a shared file system the second host's script cannot be written (an SFTP failure) while the
+    first host has started: the first is stopped and job.json names both, so `stop` reaches everything."""
+    import paramiko
+
+    from flagscale.runner import actions
+
+    monkeypatch.setenv("HOME", str(cluster.home))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    hostfile = cluster.hostfile(tmp_path / "hostfile.txt", servers=cluster.servers[:2])
+    job = tiny_job(*tiny_overrides(tiny_data, tmp_path), *sleeper_overrides(tmp_path),
+                   f"+experiment.runner.hostfile={hostfile}", "+experiment.runner.no_shared_fs=true")
+    real_open = paramiko.SFTPClient.open
+
+    def failing_open(self, filename: str, mode: str = "r", bufsize: int = -1):
+        if "127.0.0.3" in filename and mode.startswith("w"):
+            time.sleep(1.0)  # the other host has started by now
+            raise OSError("Failure")
+        return real_open(self, filename, mode, bufsize)
+
+    monkeypatch.setattr(paramiko.SFTPClient, "open", failing_open)
+    with pytest.raises(LaunchError, match="127.0.0.3"):
+        actions.launch(job)
+    record = _record(tmp_path)
+    started = [h for h in record["hosts"] if h["pgid"]]
+    assert [h["host"]["name"] for h in started] == ["127.0.0.2"]
+    assert started[0]["stopped_at"] is not None
+    wait_for(lambda: not group_members([started[0]["pgid"]]), 10, "the started host's job to end")
