@@ -12,6 +12,7 @@ is exactly the option `--foo-bar`.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import math
 import sys
@@ -25,6 +26,10 @@ from flagscale.train.tokenizer import TOKENIZER_TYPES
 from flagscale.train.tokenizer import missing_arguments as missing_tokenizer_arguments
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+MOE_DISPATCHERS = ("allgather", "alltoall")
+"""Megatron-LM's dispatchers less flex (DeepEP/HybridEP kernels, CUDA only)."""
+MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
+_MAX_PATTERN = 100_000
 
 
 def _model(p: argparse._ArgumentGroup) -> None:
@@ -79,6 +84,114 @@ def _model(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--qk-layernorm", action="store_true", help="Normalise queries and keys.")
     p.add_argument("--multiple-of", type=int, help="Upstream FlagScale: SwiGLU width 2/3·4h rounded up to this.")
     p.add_argument("--hidden-dim-multiplier", type=float, help="Upstream FlagScale: scales that width first.")
+    _rope_scaling(p)
+    _moe(p)
+    _moe_router(p)
+    _mla(p)
+    _mtp(p)
+
+
+def _rope_scaling(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--use-rope-scaling", action="store_true", help="Llama 3.x RoPE frequency scaling.")
+    p.add_argument("--rope-scaling-factor", type=float, default=8.0, help="Llama 3.x RoPE scaling factor.")
+    p.add_argument(
+        "--rope-type", choices=("rope", "yarn"),
+        help="RoPE flavour (multi-latent attention defaults to yarn, other attention is always rope).",
+    )
+
+
+def _moe(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--num-experts", type=int, help="Experts per MoE layer (unset: a dense model).")
+    p.add_argument("--moe-ffn-hidden-size", type=int, help="Hidden size of each expert (default ffn_hidden_size).")
+    p.add_argument(
+        "--moe-layer-freq", type=moe_freq_type, default=1,
+        help="N: every N-th layer is MoE; or a pattern such as '[0]+[1]*26' (1 = MoE layer).",
+    )
+    p.add_argument("--moe-shared-expert-intermediate-size", type=int, help="Shared experts' total hidden size.")
+    p.add_argument("--moe-shared-expert-gate", action="store_true", help="Gate the shared experts' output.")
+    p.add_argument(
+        "--moe-token-dispatcher-type", choices=MOE_DISPATCHERS, default="allgather",
+        help="How tokens reach experts on other expert-parallel ranks (flex needs DeepEP/HybridEP: CUDA).",
+    )
+    p.add_argument("--moe-aux-loss-coeff", type=float, nargs="+", default=0.0, help="Load-balancing loss weight(s).")
+    p.add_argument("--moe-z-loss-coeff", type=float, help="Router z-loss weight.")
+    p.add_argument("--moe-input-jitter-eps", type=float, help="Multiplicative jitter on router inputs.")
+
+
+def _moe_router(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--moe-router-topk", type=int, default=2, help="Experts each token is routed to.")
+    p.add_argument("--moe-router-score-function", choices=("softmax", "sigmoid"), default="softmax")
+    p.add_argument("--moe-router-pre-softmax", action="store_true", help="Softmax before top-k.")
+    p.add_argument(
+        "--moe-router-load-balancing-type", nargs="+", choices=MOE_LOAD_BALANCING, default="aux_loss",
+        help="aux_loss (GShard), seq_aux_loss (per sequence), global_aux_loss, sinkhorn or none.",
+    )
+    p.add_argument("--moe-router-enable-expert-bias", action="store_true", help="Aux-loss-free expert bias.")
+    p.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3, help="Expert-bias step per batch.")
+    p.add_argument("--moe-router-num-groups", type=int, help="Expert groups (group-limited routing).")
+    p.add_argument("--moe-router-group-topk", type=int, help="Groups each token may use.")
+    p.add_argument("--moe-router-topk-scaling-factor", type=float, help="Scale of the top-k routing weights.")
+    p.add_argument("--moe-router-dtype", choices=("fp32", "fp64"), help="Router computation precision.")
+
+
+def _mla(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--multi-latent-attention", action="store_true", help="DeepSeek multi-latent attention.")
+    p.add_argument("--q-lora-rank", type=int, help="Low-rank query projection (unset: a full projection).")
+    p.add_argument("--kv-lora-rank", type=int, default=32, help="Low-rank key/value projection.")
+    p.add_argument("--qk-head-dim", type=int, default=128, help="Query/key head dimension without RoPE.")
+    p.add_argument("--qk-pos-emb-head-dim", type=int, default=64, help="Query/key RoPE head dimension.")
+    p.add_argument("--v-head-dim", type=int, default=128, help="Value head dimension.")
+    p.add_argument("--rotary-scaling-factor", type=float, default=1.0, help="YaRN scaling factor (MLA).")
+    p.add_argument("--mscale", type=float, default=1.0, help="YaRN mscale (MLA).")
+    p.add_argument("--mscale-all-dim", type=float, default=0.0, help="YaRN mscale_all_dim (MLA).")
+
+
+def _mtp(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--mtp-num-layers", type=int, help="Multi-token prediction depth (extra future tokens).")
+    p.add_argument("--mtp-loss-scaling-factor", type=float, default=0.1, help="Weight of the mean MTP loss.")
+
+
+def moe_freq_type(value: str | int) -> int | list[int]:
+    """Megatron-LM's --moe-layer-freq: an int N, or a list expression such as "([1]*3+[0])*2".
+
+    The expression is read with `ast` and only int/list literals, `+` and `*` are evaluated (no eval()).
+    """
+    if isinstance(value, int):
+        return value
+    try:
+        if "[" not in value:
+            return int(value)
+        pattern = _list_expression(ast.parse(value.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, TypeError) as err:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither N nor a pattern like '[0]+[1]*3' ({err})") from None
+    if not isinstance(pattern, list):
+        raise argparse.ArgumentTypeError(f"{value!r} is a number, not a list pattern")
+    return pattern
+
+
+def _list_expression(node: ast.AST) -> int | list[int]:
+    """Value of an expression of int and list literals joined by + and *."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.List):
+        items = [_list_expression(item) for item in node.elts]
+        if any(isinstance(item, list) for item in items):
+            raise ValueError("nested lists")
+        return items
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        left, right = _list_expression(node.left), _list_expression(node.right)
+        if isinstance(node.op, ast.Add) and type(left) is not type(right):
+            raise TypeError("+ joins two lists or two numbers")
+        if isinstance(node.op, ast.Mult) and isinstance(left, list) and isinstance(right, list):
+            raise TypeError("* repeats a list a number of times")
+        if isinstance(node.op, ast.Add):
+            return left + right
+        if isinstance(left, list) or isinstance(right, list):
+            items, times = (left, right) if isinstance(left, list) else (right, left)
+            if len(items) * max(times, 0) > _MAX_PATTERN:
+                raise ValueError(f"more than {_MAX_PATTERN} layers")
+        return left * right
+    raise ValueError(f"unsupported {type(node).__name__}")
 
 
 def _parallel(p: argparse._ArgumentGroup) -> None:
@@ -95,6 +208,12 @@ def _parallel(p: argparse._ArgumentGroup) -> None:
         help="Alternative to --virtual-pipeline-model-parallel-size.",
     )
     p.add_argument("--context-parallel-size", type=int, default=1)
+    p.add_argument("--expert-model-parallel-size", type=int, default=1, help="Ranks the experts are split over.")
+    p.add_argument(
+        "--expert-tensor-parallel-size", type=int, help="Tensor parallel size of the experts (default: tp)."
+    )
+    p.add_argument("--decoder-first-pipeline-num-layers", type=int, help="Layers on the first pipeline stage.")
+    p.add_argument("--decoder-last-pipeline-num-layers", type=int, help="Layers on the last pipeline stage.")
     p.add_argument("--sequence-parallel", action="store_true", help="Needs CUDA (Apex/TransformerEngine LayerNorm).")
     p.add_argument(
         "--use-distributed-optimizer", action="store_true", help="Shard optimizer state over data parallel ranks."
@@ -347,6 +466,8 @@ def validate(args: argparse.Namespace, world_size: int | None) -> None:
     """Raise ConfigError listing every inconsistent setting (torch-free; the launcher calls it)."""
     problems = [
         *_model_problems(args),
+        *_moe_problems(args),
+        *_attention_problems(args),
         *_layout_problems(args, world_size),
         *_precision_problems(args),
         *_training_problems(args),
@@ -377,6 +498,59 @@ def _model_problems(args: argparse.Namespace) -> list[str]:
     max_pos = args.max_position_embeddings
     if max_pos is not None and _rope(args) is False and args.seq_length > max_pos:
         problems.append(f"seq_length ({args.seq_length}) exceeds max_position_embeddings ({max_pos})")
+    return problems
+
+
+def _moe_problems(args: argparse.Namespace) -> list[str]:
+    """What Megatron-Core's MoE layers and TransformerConfig assert, said before anything starts."""
+    experts = args.num_experts or None
+    if experts is None:
+        return ["moe_ffn_hidden_size needs num_experts"] if args.moe_ffn_hidden_size is not None else []
+    problems = [] if args.moe_router_topk <= experts else [
+        f"moe_router_topk ({args.moe_router_topk}) exceeds num_experts ({experts})"
+    ]
+    problems += _moe_layer_freq_problems(args.moe_layer_freq, args.num_layers)
+    groups, group_topk = args.moe_router_num_groups, args.moe_router_group_topk
+    if group_topk and not groups:
+        problems.append("moe_router_group_topk needs moe_router_num_groups")
+    elif group_topk and (experts % groups or group_topk > groups):
+        problems.append(f"moe_router_num_groups ({groups}) must divide num_experts ({experts}) and be >= "
+                        f"moe_router_group_topk ({group_topk})")
+    types, coeffs = _as_list(args.moe_router_load_balancing_type), _as_list(args.moe_aux_loss_coeff)
+    if len(types) > 1 and len(coeffs) != len(types):
+        problems.append(f"moe_aux_loss_coeff needs one value per moe_router_load_balancing_type ({len(types)})")
+    if args.moe_router_topk == 1 and args.moe_router_score_function == "softmax" and not (
+        args.moe_router_pre_softmax or "sinkhorn" in types
+    ):
+        problems.append("moe_router_topk 1 with the softmax score function needs moe_router_pre_softmax")
+    return problems
+
+
+def _moe_layer_freq_problems(freq: int | list[int], num_layers: int | None) -> list[str]:
+    if isinstance(freq, int):
+        return [] if freq >= 1 else [f"moe_layer_freq ({freq}) must be >= 1"]
+    if set(freq) - {0, 1}:
+        return [f"moe_layer_freq pattern {freq} may hold only 0 (dense layer) and 1 (MoE layer)"]
+    if num_layers is not None and len(freq) != num_layers:
+        return [f"moe_layer_freq pattern has {len(freq)} layers, num_layers is {num_layers}"]
+    return []
+
+
+def _as_list(value: object) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _attention_problems(args: argparse.Namespace) -> list[str]:
+    """Multi-latent attention, RoPE flavours and multi-token prediction."""
+    problems = []
+    if args.multi_latent_attention and args.group_query_attention:
+        problems.append("multi_latent_attention and group_query_attention exclude each other")
+    if args.rope_type == "yarn" and not args.multi_latent_attention:
+        problems.append("rope_type yarn needs multi_latent_attention (other attention uses rope)")
+    if args.mtp_num_layers is not None and args.mtp_num_layers < 1:
+        problems.append(f"mtp_num_layers ({args.mtp_num_layers}) must be >= 1 (or unset)")
+    elif args.mtp_num_layers and not _rope(args):
+        problems.append("multi-token prediction (mtp_num_layers) needs position_embedding_type rope")
     return problems
 
 
@@ -464,11 +638,25 @@ def derive(args: argparse.Namespace, world_size: int | None) -> argparse.Namespa
     args.kv_channels = args.kv_channels or args.hidden_size // args.num_attention_heads
     args.num_query_groups = args.num_query_groups if args.group_query_attention else args.num_attention_heads
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    _derive_moe(args)
     _derive_iters(args)
     if args.num_layers_per_virtual_pipeline_stage:
         stage_layers = args.num_layers // args.pipeline_model_parallel_size
         args.virtual_pipeline_model_parallel_size = stage_layers // args.num_layers_per_virtual_pipeline_stage
     return args
+
+
+def _derive_moe(args: argparse.Namespace) -> None:
+    """Megatron-LM's MoE defaults: no experts for 0, expert width and expert tp from the dense ones."""
+    args.num_experts = args.num_experts or None
+    if args.num_experts and args.moe_ffn_hidden_size is None:
+        args.moe_ffn_hidden_size = args.ffn_hidden_size
+    if args.expert_tensor_parallel_size is None:
+        args.expert_tensor_parallel_size = args.tensor_model_parallel_size
+    for name in ("moe_router_load_balancing_type", "moe_aux_loss_coeff"):
+        value = getattr(args, name)
+        if isinstance(value, (list, tuple)):
+            setattr(args, name, value[0] if len(value) == 1 else list(value))
 
 
 def _default_ffn(args: argparse.Namespace) -> int:

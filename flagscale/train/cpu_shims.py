@@ -4,16 +4,20 @@ Megatron-Core assumes CUDA in a few hundred places. Rather than patching its fil
 redirects the handful of entry points those places go through. It reaches into private internals,
 so megatron-core is pinned (requirements/train.txt) and every shim lives here, applied once by
 `install()` and only when CUDA is absent; each shim's docstring names the Megatron-Core site it covers.
+Two more fix paths that break without TransformerEngine on any device (this program builds the local
+layer specs): `without_transformer_engine()` (the MoE router) and `LocalMLACoreAttention` (MLA).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from megatron.core.tensor_parallel import random as mpu_random
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
@@ -96,6 +100,110 @@ def _install_rng() -> None:
     mpu_random._set_cuda_rng_state = _set_cpu_rng_state
 
 
+class HostEvent:
+    """What `stream.record_event()` returns on the CPU: already complete (CPU work is synchronous)."""
+
+    def synchronize(self) -> None:
+        """Nothing to wait for."""
+
+    def wait(self, stream: Any = None) -> None:
+        """Nothing to wait for."""
+
+    def query(self) -> bool:
+        """Always complete."""
+        return True
+
+
+class HostStream:
+    """A stand-in for a CUDA stream on the CPU, where every operation has finished when it returns."""
+
+    device = _CPU
+
+    def wait_stream(self, stream: Any) -> None:
+        """Nothing to order."""
+
+    def wait_event(self, event: Any) -> None:
+        """Nothing to order."""
+
+    def record_event(self, event: Any = None) -> HostEvent:
+        """A completed event."""
+        return HostEvent()
+
+    def synchronize(self) -> None:
+        """Nothing to wait for."""
+
+    def query(self) -> bool:
+        """Always idle."""
+        return True
+
+
+_HOST_STREAM = HostStream()
+
+
+def _install_streams() -> None:
+    # token_dispatcher.py (alltoall): the dispatcher copies its split sizes to the host on a side
+    # stream made with torch.cuda.Stream() when the first MoE layer is built, then waits for an event
+    # recorded there; both streams are this one stand-in, so the copy is plain and the wait is nothing.
+    from megatron.core.transformer.moe import token_dispatcher
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    torch.cuda.current_stream = lambda device=None: _HOST_STREAM
+    if MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is None:
+        MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _HOST_STREAM
+    # The same copy turns the split sizes into numpy arrays, but moe_utils.maybe_move_tensor_to_cpu
+    # converts only CUDA tensors: CPU ones stayed tensors, which all_to_all_single refuses as split sizes.
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_tensor
+
+
+def _host_tensor(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """moe_utils.maybe_move_tensor_to_cpu for tensors that are already on the CPU."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def without_transformer_engine() -> None:
+    """Megatron-Core sites that break without TransformerEngine, on a CPU or a GPU.
+
+    moe_utils.py binds `te_general_gemm` only when TransformerEngine imports, yet the MoE router's
+    gating linear reads it unguarded (`if te_general_gemm is not None`): every MoE forward dies with
+    NameError. Bind it to None (the plain torch.mm path).
+    """
+    from megatron.core.extensions import transformer_engine
+    from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.moe import moe_utils
+
+    if not moe_utils.HAVE_TE and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    # multi_latent_attention.py sets HAVE_TE when its import of the TE layer classes succeeds, which it
+    # does without TransformerEngine too (they are MagicMock placeholders there); MLA's constructor then
+    # calls isinstance(linear_proj, <placeholder>) and dies with TypeError. Say what is true: no TE.
+    if not transformer_engine.HAVE_TE:
+        multi_latent_attention.HAVE_TE = False
+
+
+class LocalMLACoreAttention(DotProductAttention):
+    """The local DotProductAttention for multi-latent attention.
+
+    multi_latent_attention.py builds its core attention with `k_channels` (query/key head size,
+    qk_head_dim + qk_pos_emb_head_dim) and `v_channels` (v_head_dim), which only TransformerEngine's
+    attention accepts: with the local spec, MLA dies with TypeError. The local computation already
+    handles a value head size different from the query/key one except for the final reshape, which
+    uses kv_channels; this sets that size from `v_channels` and the default scale from `k_channels`.
+    """
+
+    def __init__(self, *args: Any, k_channels: int | None = None, v_channels: int | None = None, **kwargs: Any):
+        if kwargs.get("softmax_scale") is None and k_channels is not None:
+            kwargs["softmax_scale"] = 1.0 / math.sqrt(k_channels)
+        super().__init__(*args, **kwargs)
+        if v_channels is not None:
+            self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
+        """DotProductAttention.forward on contiguous key/value (MLA concatenates them from views)."""
+        return super().forward(query, key.contiguous(), value.contiguous(), *args, **kwargs)
+
+
 def install() -> None:
     """Apply every shim once; a no-op when CUDA is available or when already installed."""
     global _installed
@@ -106,5 +214,6 @@ def install() -> None:
     # p2p_communication.py and filesystem_async.py synchronize; nothing to wait for on CPU.
     torch.cuda.synchronize = lambda device=None: None
     _install_rng()
+    _install_streams()
     CudaToCpuMode().__enter__()  # entered for the life of the process (never exited)
     _installed = True

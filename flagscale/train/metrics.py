@@ -7,6 +7,10 @@ holds the loss (last pipeline stage, TP rank 0, DP rank 0):
     {"event": "start", "train_iters", "start_iteration", "world_size", "tp", "pp", "dp", "time"}
     {"event": "train", "iteration", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_ms",
      "peak_mem_mb", "time"}
+        + with experts: "moe_<loss>" (mean over MoE layers) and "moe_<loss>_per_layer" for each router
+          loss computed (load_balancing_loss, seq_load_balancing_loss, global_load_balancing_loss,
+          z_loss; divided by their coefficients, as Megatron-LM logs them)
+        + with multi-token prediction: "mtp_loss" (mean over MTP depths) and "mtp_loss_per_layer"
     {"event": "valid", "iteration", "val_loss", "time"}
     {"event": "checkpoint", "iteration", "path"}
     {"event": "end", "iteration", "time"}
@@ -17,7 +21,7 @@ from __future__ import annotations
 import json
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -39,6 +43,11 @@ class TrainRecord:
     tokens_per_s: float
     step_time_ms: float
     peak_mem_mb: float
+    aux: dict[str, float | list[float]] = field(default_factory=dict)
+    """MoE router and MTP losses (steps.AuxLosses), averaged over the interval; empty for a dense model."""
+
+
+_CORE_FIELDS = ("iteration", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_ms", "peak_mem_mb")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -55,7 +64,12 @@ def log_line(record: TrainRecord, train_iters: int) -> str:
         f" [{stamp}] iteration {record.iteration:>8d}/{train_iters:>8d} | loss {record.loss:.4f}"
         f" | lr {record.lr:.1E} | grad norm {record.grad_norm:.3f} | tokens/s {record.tokens_per_s:.0f}"
         f" | step {record.step_time_ms:.1f} ms | peak mem {record.peak_mem_mb:.0f} MB"
-    )
+    ) + "".join(f" | {name.replace('_', ' ')} {value:.4f}" for name, value in _scalars(record))
+
+
+def _scalars(record: TrainRecord) -> list[tuple[str, float]]:
+    """The record's aux losses that are one number (not per layer)."""
+    return [(name, value) for name, value in record.aux.items() if not isinstance(value, list)]
 
 
 class Reporter:
@@ -88,10 +102,12 @@ class Reporter:
 
     def train(self, record: TrainRecord) -> None:
         """One log interval."""
-        self._event("train", **{f: getattr(record, f) for f in TrainRecord.__slots__}, time=time.time())
+        self._event("train", **{f: getattr(record, f) for f in _CORE_FIELDS}, **record.aux, time=time.time())
         if self._tb:
-            for name in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_ms", "peak_mem_mb"):
+            for name in _CORE_FIELDS[1:]:
                 self._tb.add_scalar(f"train/{name}", getattr(record, name), record.iteration)
+            for name, value in _scalars(record):
+                self._tb.add_scalar(f"train/{name}", value, record.iteration)
 
     def valid(self, iteration: int, val_loss: float) -> None:
         """One validation."""

@@ -75,6 +75,7 @@ def initialize(args: argparse.Namespace) -> Runtime:
         for key, value in {**_SINGLE_PROCESS_ENV, "MASTER_PORT": _SINGLE_PROCESS_PORT}.items():
             os.environ.setdefault(key, value)
     device = select_device(args)
+    cpu_shims.without_transformer_engine()
     if device.type == "cpu":
         cpu_shims.install()
         dropped = arguments.drop_cuda_only(args)
@@ -90,6 +91,8 @@ def initialize(args: argparse.Namespace) -> Runtime:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         distributed_timeout_minutes=args.distributed_timeout_minutes,
     )
     _set_seeds(args.seed)

@@ -24,7 +24,7 @@ from flagscale.train.metrics import NullReporter, Reporter, TrainRecord, log_lin
 from flagscale.train.model import build_chunks, count_parameters, transformer_config, wrap
 from flagscale.train.optim import build_optimizer, build_scheduler, connect_model_hooks
 from flagscale.train.runtime import Runtime, initialize, shutdown
-from flagscale.train.steps import StepResult, evaluate, train_step
+from flagscale.train.steps import AuxLosses, StepResult, evaluate, train_step
 from flagscale.train.tokenizer import build_tokenizer, padded_vocab_size
 
 
@@ -42,6 +42,7 @@ class Window:
     steps: int = 0
     seconds: float = 0.0
     grad_norm: float = 0.0
+    aux_sums: dict[str, float | list[float]] = field(default_factory=dict)
 
     def add(self, result: StepResult, seconds: float) -> None:
         """Count one step."""
@@ -51,6 +52,19 @@ class Window:
             self.losses.append(result.loss)
         if result.grad_norm is not None:
             self.grad_norm = result.grad_norm
+        for name, value in result.aux.items():
+            total = self.aux_sums.get(name)
+            if isinstance(value, list):
+                self.aux_sums[name] = value if total is None else [a + b for a, b in zip(total, value, strict=True)]
+            else:
+                self.aux_sums[name] = value + (total or 0.0)
+
+    def aux_means(self) -> dict[str, float | list[float]]:
+        """MoE/MTP losses averaged over the window's steps."""
+        return {
+            name: [v / self.steps for v in total] if isinstance(total, list) else total / self.steps
+            for name, total in self.aux_sums.items()
+        }
 
 
 @dataclass(slots=True)
@@ -65,6 +79,7 @@ class Trainer:
     train_data: object
     valid_data: object
     reporter: Reporter
+    aux_losses: AuxLosses
     last_saved: int = -1
 
     def _iterators(self, dataset, consumed: int) -> list:
@@ -78,7 +93,9 @@ class Trainer:
         window, began = Window(), time.monotonic()
         while iteration < args.train_iters:
             tick = time.perf_counter()
-            result = train_step(args, self.model, self.optimizer, self.scheduler, iterators, self.runtime.device)
+            result = train_step(
+                args, self.model, self.optimizer, self.scheduler, iterators, self.runtime.device, self.aux_losses
+            )
             iteration += 1
             window.add(result, time.perf_counter() - tick)
             if iteration % args.log_interval == 0 or iteration == args.train_iters:
@@ -108,6 +125,7 @@ class Trainer:
             tokens_per_s=window.steps * args.global_batch_size * args.seq_length / window.seconds,
             step_time_ms=1000 * window.seconds / window.steps,
             peak_mem_mb=peak_memory_mb(self.runtime.device),
+            aux=window.aux_means(),
         )
         print(log_line(record, args.train_iters), flush=True)
         self.reporter.train(record)
@@ -171,7 +189,9 @@ def build_trainer(args: argparse.Namespace, runtime: Runtime) -> tuple[Trainer, 
     start = _resume(args, model, optimizer, scheduler)
     train_data, valid_data = build_datasets(args, tokenizer)
     reporter = Reporter(args.metrics_dir, args.tensorboard_dir) if runtime.holds_loss else NullReporter()
-    trainer = Trainer(args, runtime, model, optimizer, scheduler, train_data, valid_data, reporter)
+    trainer = Trainer(
+        args, runtime, model, optimizer, scheduler, train_data, valid_data, reporter, AuxLosses.from_args(args)
+    )
     return trainer, start
 
 
