@@ -1,9 +1,11 @@
-"""Load a Megatron-Core torch_dist checkpoint written by flagscale/train into one process.
+"""Load a Megatron-Core checkpoint written by flagscale/train into one process.
 
 The model is built by the training program's own builder (flagscale.train.model) with
-tensor/pipeline parallel size 1, and Megatron's dist_checkpointing reshards whatever tp/pp/vpp
-the training used into it: the result is the full GPTModel on the CPU, with Megatron's own
-parameter layout (fused QKV interleaved per query group, fused gate+up fc1).
+tensor/pipeline parallel size 1. From a torch_dist checkpoint, Megatron's dist_checkpointing
+reshards whatever tp/pp/vpp the training used into it; a torch-format (legacy) checkpoint is read
+when it was saved with tp=1 and pp=1 (its single mp_rank_00/model_optim_rng.pt holds the whole
+model). The result is the full GPTModel on the CPU, with Megatron's own parameter layout (fused
+QKV interleaved per query group, fused gate+up fc1).
 """
 
 from __future__ import annotations
@@ -45,10 +47,27 @@ def find(load_dir: str | Path, iteration: int | None = None) -> tuple[Path, int]
     return found
 
 
+def torch_state(path: Path) -> dict:
+    """The whole state of a torch-format checkpoint saved with tp=1 and pp=1."""
+    layout = checkpointing.torch_layout(path)
+    if layout != (1, 1, 1):
+        raise ConversionError(
+            f"{path} is a torch-format checkpoint saved with {checkpointing.describe_layout(*layout)}; the converter "
+            "reads torch-format checkpoints saved with tp=1 pp=1 only (train with ckpt_format torch_dist, which "
+            "reshards)"
+        )
+    file = checkpointing.mp_rank_dir(path, 0) / checkpointing.MODEL_FILE
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)  # args and RNG states: a pickle
+    except checkpointing.LOAD_ERRORS as err:
+        raise ConversionError(f"cannot read {file}: {type(err).__name__}: {err}") from None
+
+
 def training_args(path: Path) -> argparse.Namespace:
     """The arguments the training run saved with the checkpoint."""
     try:
-        common = dist_checkpointing.load_common_state_dict(str(path))
+        is_torch = checkpointing.checkpoint_format(path) == "torch"
+        common = torch_state(path) if is_torch else dist_checkpointing.load_common_state_dict(str(path))
     except (CheckpointingException, OSError, RuntimeError) as err:
         raise ConversionError(f"cannot read {path}/common.pt: {err}") from None
     if "args" not in common:
@@ -90,21 +109,29 @@ def _init_single_process(args: argparse.Namespace) -> None:
 def load(load_dir: str | Path, iteration: int | None = None) -> LoadedCheckpoint:
     """Build the model with the training program's builder and fill it from the checkpoint."""
     path, step = find(load_dir, iteration)
-    saved = training_args(path)
+    legacy = torch_state(path) if checkpointing.checkpoint_format(path) == "torch" else None
+    saved = legacy["args"] if legacy is not None and "args" in legacy else training_args(path)
     args = single_process_args(saved)
     _init_single_process(args)
-    vocab = global_shapes(path)["embedding.word_embeddings.weight"][0]
+    if legacy is not None:
+        vocab = legacy["model"]["embedding.word_embeddings.weight"].shape[0]
+    else:
+        vocab = global_shapes(path)["embedding.word_embeddings.weight"][0]
     config = transformer_config(args, runtime.Runtime(device=torch.device("cpu"), rank=0, world_size=1,
                                                       tp_rank=0, pp_rank=0, dp_rank=0))
     (model,) = build_chunks(args, config, vocab)
-    request = {"model": model.sharded_state_dict(metadata=checkpointing.SHARDING_METADATA)}
-    try:
-        state = dist_checkpointing.load(request, str(path))
-    except (CheckpointingException, OSError, RuntimeError, KeyError, ValueError) as err:
-        raise ConversionError(f"checkpoint {path} could not be loaded ({type(err).__name__}): {err}") from err
-    model.load_state_dict(state["model"], strict=True)
+    model.load_state_dict(legacy["model"] if legacy is not None else _dist_model_state(model, path), strict=True)
     model.eval()
     return LoadedCheckpoint(model=model, args=saved, path=path, iteration=step)
+
+
+def _dist_model_state(model: torch.nn.Module, path: Path) -> dict:
+    """The model's state from a torch_dist checkpoint, resharded to this one-process model."""
+    request = {"model": model.sharded_state_dict(metadata=checkpointing.SHARDING_METADATA)}
+    try:
+        return dist_checkpointing.load(request, str(path))["model"]
+    except (CheckpointingException, OSError, RuntimeError, KeyError, ValueError) as err:
+        raise ConversionError(f"checkpoint {path} could not be loaded ({type(err).__name__}): {err}") from err
 
 
 def shutdown() -> None:
