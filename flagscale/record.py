@@ -14,7 +14,10 @@ from typing import Any
 from flagscale.config.hostfile import Host
 from flagscale.exceptions import JobRecordError
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+"""2: each host's process start time and pid file. Version 1 records load (without them: the host controller
+then checks a live leader by its command line, and signals nothing once the leader is gone)."""
+READABLE_VERSIONS = (1, 2)
 
 
 class JobState(str, Enum):
@@ -61,6 +64,7 @@ class JobRecord:
     info: dict[str, Any] = field(default_factory=dict)
     stop_requested_at: float | None = None
     version: int = RECORD_VERSION
+    """The format of this record; a loaded version-1 record stays 1 when saved again (its hosts have no start times)."""
 
     @property
     def path(self) -> Path:
@@ -88,8 +92,9 @@ def load_record(exp_dir: str | Path) -> JobRecord:
         raise JobRecordError(f"no job record at {path}; launch a job there first (action=run)")
     try:
         data = json.loads(path.read_text())
-        if data.get("version") != RECORD_VERSION:
-            raise JobRecordError(f"{path} has record version {data.get('version')}, expected {RECORD_VERSION}")
+        if data.get("version") not in READABLE_VERSIONS:
+            raise JobRecordError(f"{path} has record version {data.get('version')}, written by a newer FlagScale "
+                                 f"(this one reads {READABLE_VERSIONS}); use that version to stop or query it")
         data["hosts"] = [
             HostRecord(**{**h, "host": Host(**h["host"])}) for h in data["hosts"]
         ]

@@ -5,13 +5,21 @@ Standard library only: hosts need nothing installed but Python. It prints one JS
                               start `bash SCRIPT` in a new session, output to LOG; write its pid, pgid and
                               start time to PID_FILE at once (a launcher that loses this answer finds the
                               process there); report them, or its exit code if it ended within GRACE seconds
-  status PGID EXIT_FILE       the processes of the job tree and the recorded exit code
-  stop   PGID TIMEOUT         SIGTERM every process group of the job tree, wait, SIGKILL the rest
+  status PGID START SCRIPT EXIT_FILE
+                              the processes of the job tree and the recorded exit code
+  stop   PGID START SCRIPT TIMEOUT
+                              SIGTERM every process group of the job tree, wait, SIGKILL the rest
   port   PORT                 PORT (0: any) if it can be bound here, else an error
 
 The job tree is every process in the recorded session/group plus all their descendants: torchrun
 starts each worker in a session of its own, so the workers' groups are found through the tree
 (snapshotted before any signal, since orphans lose their parent link) and signalled by group id.
+
+A recorded pgid is only trusted while it is still the launch's: if its leader (the script's bash) lives,
+its start time must be the recorded START (field 22 of /proc/PID/stat; START '-' for records written
+before start times were kept: then its command line must be `bash SCRIPT`); if the leader has ended,
+only the members whose environment carries this launch's mark (FLAGSCALE_SCRIPT=SCRIPT, set at start
+and inherited) are the job's. Anything else under that number is another process: never signalled.
 """
 
 import json
@@ -41,10 +49,14 @@ def _procs():
     return out
 
 
-def _tree(root):
-    """{pid: pgid} of the job rooted at session/group `root`, descendants included."""
-    procs = _procs()
-    members = {p[0]: p[2] for p in procs if p[2] == root or p[3] == root}
+MARK = "FLAGSCALE_SCRIPT"
+
+
+def _tree(root, procs=None, member=None):
+    """{pid: pgid} of the processes in session/group `root` (those `member(pid)` accepts, if given), and
+    all their descendants."""
+    procs = _procs() if procs is None else procs
+    members = {p[0]: p[2] for p in procs if (p[2] == root or p[3] == root) and (member is None or member(p[0]))}
     changed = True
     while changed:
         changed = False
@@ -66,6 +78,33 @@ def _start_time(pid):
     return int(stat[stat.rindex(")") + 2:].split()[19])
 
 
+def _job_tree(pgid, start, script):
+    """The tree of the recorded launch (see the module docstring); {} if the number is no longer its."""
+    pgid, procs = int(pgid), _procs()
+    if any(p[0] == pgid for p in procs):
+        return _tree(pgid, procs) if _is_leader(pgid, start, script) else {}
+    return _tree(pgid, procs, lambda pid: _marked(pid, script))
+
+
+def _is_leader(pid, start, script):
+    if start != "-":
+        return str(_start_time(pid)) == start
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[:2] == [b"bash", script.encode()]
+    except OSError:
+        return False
+
+
+def _marked(pid, script):
+    """Whether the process started with this launch's mark in its environment."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"{MARK}={script}".encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
 def _write_private(path, text):
     """Write `text` to `path`, readable by the owner only, atomically."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -85,7 +124,7 @@ def start(script, log, pid_file, grace):
     with open(log, "wb") as out, open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen(
             ["bash", script], stdin=devnull, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True,
+            start_new_session=True, close_fds=True, env={**os.environ, MARK: script},
         )
     ident = {"pid": proc.pid, "pgid": proc.pid, "start": _start_time(proc.pid)}
     _write_private(pid_file, json.dumps(ident))
@@ -108,8 +147,8 @@ def _tail(path, limit=2000):
         return ""
 
 
-def status(pgid, exit_file):
-    tree = _tree(int(pgid))
+def status(pgid, start, script, exit_file):
+    tree = _job_tree(pgid, start, script)
     code = None
     try:
         with open(exit_file) as f:
@@ -127,8 +166,8 @@ def _signal_groups(groups, sig):
             pass
 
 
-def stop(pgid, timeout):
-    tree = _tree(int(pgid))
+def stop(pgid, start, script, timeout):
+    tree = _job_tree(pgid, start, script)
     if not tree:
         return {"found": 0, "terminated": 0, "killed": 0, "remaining": []}
     groups = sorted(set(tree.values()))

@@ -217,8 +217,7 @@ class Launcher:
         if not self._resolve(host_record):  # its start never began: nothing to stop there
             host_record.stopped_at = time.time()
             return StopResult(host=host_record.host)
-        answer = self.hostctl(host_record.host, "stop", str(host_record.pgid), str(timeout),
-                              timeout=timeout + 30)
+        answer = self.hostctl(host_record.host, "stop", *_identity(host_record), str(timeout), timeout=timeout + 30)
         result = StopResult(host=host_record.host, found=answer["found"], killed=answer["killed"],
                             remaining=answer["remaining"])
         if result.remaining:
@@ -278,7 +277,7 @@ class Launcher:
         if not self._resolve(host_record):
             state = JobState.STOPPED if host_record.stopped_at is not None else JobState.FAILED
             return HostStatus(host=host_record.host, state=state)  # its launch never started it
-        answer = self.hostctl(host_record.host, "status", str(host_record.pgid), host_record.exit_file)
+        answer = self.hostctl(host_record.host, "status", *_identity(host_record), host_record.exit_file)
         pids, code = answer["pids"], answer["exit_code"]
         if pids:
             state = JobState.RUNNING
@@ -334,6 +333,12 @@ def _host_record(spec: ProcessSpec, script: str, answer: dict[str, Any]) -> Host
     return HostRecord(host=spec.host, node_rank=spec.node_rank, pgid=pgid, start_time=start, script=script,
                       log_path=spec.log_path, exit_file=spec.exit_file, started_at=time.time(),
                       pid_file=spec.pid_file)
+
+
+def _identity(host_record: HostRecord) -> tuple[str, str, str]:
+    """PGID START SCRIPT, by which the host controller tells the launch's processes from a recycled pgid."""
+    start = "-" if host_record.start_time is None else str(host_record.start_time)
+    return str(host_record.pgid), start, host_record.script
 
 
 def _cleanup_note(record: JobRecord) -> str:

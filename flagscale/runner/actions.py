@@ -225,7 +225,9 @@ def stop_job(exp_dir: str | Path) -> int:
         else:
             console.print(f"host {result.host.name}: ended {result.found} process(es)"
                           + (f", {result.killed} needed SIGKILL" if result.killed else ""))
-    console.print(f"job {record.run_id}: " + ("stopped" if not failed else f"{failed} host(s) not reached"))
+    ended = not failed and all(r.found == 0 for r in results)
+    outcome = "had already ended; nothing was signalled" if ended else "stopped"
+    console.print(f"job {record.run_id}: " + (outcome if not failed else f"{failed} host(s) not reached"))
     return 1 if failed else 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from flagscale.exceptions import LaunchError
 from flagscale.launcher.launcher import Launcher, job_state
 from flagscale.launcher.transport import LocalTransport, SSHSettings
 from flagscale.record import JobState, load_record
+from flagscale.runner import actions
 from flagscale.runner.plan import Plan, ProcessSpec
 from tests.conftest import group_members, pids_alive, tiny_overrides
 from tests.helpers.jobs import SLEEPER, sleeper_overrides, tiny_job, wait_for
@@ -38,10 +41,14 @@ def _plan(tmp_path: Path, argv: list[str]) -> Plan:
     return Plan(task_type="train", exp_dir=str(tmp_path), run_id="run1", log_dir=str(log_dir), processes=[spec])
 
 
+SETTINGS = {"ssh_port": None, "strict_host_key_checking": True, "connect_timeout": 10.0, "no_shared_fs": False,
+            "stop_timeout": 2.0, "python": sys.executable}
+
+
 def _record_base(plan: Plan) -> dict:
     return {"run_id": plan.run_id, "task_type": "train", "exp_name": "t", "exp_dir": plan.exp_dir,
             "log_dir": plan.log_dir, "created_at": time.time(),
-            "settings": {}, "master_addr": "localhost", "master_port": None}
+            "settings": SETTINGS, "master_addr": "localhost", "master_port": None}
 
 
 def _launcher() -> Launcher:
@@ -166,8 +173,6 @@ def test_launch_ending_half_way_stops_everything_and_records_it(tmp_path: Path, 
 
 def test_interrupt_after_start_stops_the_job(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C between the start and the end of `launch` (here: while recording the last job)."""
-    from flagscale.runner import actions
-
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     job = tiny_job(*tiny_overrides(tiny_data, tmp_path), *sleeper_overrides(tmp_path))
 
@@ -181,3 +186,97 @@ def test_interrupt_after_start_stops_the_job(tiny_data: Path, tmp_path: Path, mo
     pgids = [h["pgid"] for h in record["hosts"]]
     wait_for(lambda: not group_members(pgids), 10, "the job to be stopped")
     assert record["stop_requested_at"] is not None and record["hosts"][0]["stopped_at"] is not None
+
+
+# --- stop/query act only on the processes the launch started, never on a recycled pid/pgid ---
+
+# A session leader that starts a child in its own session and exits: the child is left without its leader.
+LEADERLESS = (
+    "import subprocess, sys\n"
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+    "open(sys.argv[1], 'w').write(str(child.pid))\n"
+)
+
+
+@pytest.fixture
+def strangers(tmp_path: Path):
+    """Processes that are not the job's, in sessions of their own; killed by pid at the end."""
+    started: list[int] = []
+
+    def start(code: str, *args: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], start_new_session=True)
+        started.append(proc.pid)
+        return proc
+
+    yield start, started
+    for pid in started:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _ended_job(tmp_path: Path, launcher: Launcher):
+    plan = _plan(tmp_path, ["bash", "-c", "exit 0"])
+    record = launcher.launch(plan, _record_base(plan))
+    wait_for(lambda: job_state(launcher.status(record), False) is JobState.COMPLETED, 10, "the job to end")
+    return record
+
+
+def test_recycled_pgid_is_never_signalled(tmp_path: Path, strangers, capsys: pytest.CaptureFixture[str]) -> None:
+    start, started = strangers
+    leader = start("import time; time.sleep(300)")  # now owns the number the record names
+    orphan_file = tmp_path / "orphan.pid"
+    start(LEADERLESS, str(orphan_file)).wait(10)  # a group/session whose leader is gone, as an ended job's
+    wait_for(lambda: orphan_file.exists() and orphan_file.read_text(), 10, "the orphan")
+    orphan = int(orphan_file.read_text())
+    started.append(orphan)
+    with _launcher() as launcher:
+        record = _ended_job(tmp_path, launcher)
+        for recycled in (leader.pid, started[1]):
+            record.hosts[0].pgid, record.hosts[0].stopped_at = recycled, None
+            statuses = launcher.status(record)
+            assert statuses[0].pids == [] and job_state(statuses, False) is JobState.COMPLETED
+            results = launcher.stop(record, timeout=2)
+            assert results[0].found == 0 and not results[0].remaining
+    record.hosts[0].stopped_at = None
+    record.save()
+    assert actions.stop_job(tmp_path) == 0
+    assert "already ended; nothing was signalled" in capsys.readouterr().out
+    assert pids_alive([leader.pid, orphan]) == [leader.pid, orphan]
+
+
+def test_stop_ends_what_an_ended_script_left_behind(tmp_path: Path) -> None:
+    """The script ended, a background child it started lives on: still the job's, so stop ends it."""
+    child_file = tmp_path / "child.pid"
+    plan = _plan(tmp_path, ["bash", "-c", f"sleep 300 & echo $! > {child_file}; exit 0"])
+    with _launcher() as launcher:
+        record = launcher.launch(plan, _record_base(plan))
+        wait_for(lambda: child_file.exists() and child_file.read_text().strip(), 10, "the child")
+        child = int(child_file.read_text())
+        wait_for(lambda: not pids_alive([record.hosts[0].pgid]), 10, "the script to end")
+        assert launcher.status(record)[0].pids == [child]
+        results = launcher.stop(record, timeout=2)
+    assert results[0].found == 1 and not pids_alive([child])
+
+
+def test_version_1_record_loads_and_is_checked_by_script(tmp_path: Path, strangers) -> None:
+    """A job.json written before start times were recorded: its leader is checked by its command line."""
+    start, _ = strangers
+    stranger = start("import time; time.sleep(300)")
+    plan = _plan(tmp_path, [sys.executable, "-c", "import time; time.sleep(300)"])
+    with _launcher() as launcher:
+        launcher.launch(plan, _record_base(plan))
+    data = json.loads((tmp_path / "job.json").read_text())
+    real_pgid = data["hosts"][0]["pgid"]
+    data["version"] = 1
+    for host in data["hosts"]:
+        del host["start_time"], host["pid_file"]
+    for pgid, found in ((stranger.pid, 0), (real_pgid, 2)):  # the script's bash and its python
+        data["hosts"][0]["pgid"] = pgid
+        (tmp_path / "job.json").write_text(json.dumps(data))
+        with _launcher() as launcher:
+            record = load_record(tmp_path)
+            assert record.hosts[0].start_time is None
+            assert launcher.stop(record, timeout=2)[0].found == found
+    assert pids_alive([stranger.pid]) == [stranger.pid] and not pids_alive([real_pgid])
