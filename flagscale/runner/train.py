@@ -94,9 +94,11 @@ def _is_default(argument: Argument, value: Any) -> bool:
 
 def _check_implemented_choice(name: str, path: str, value: Any, where: str) -> None:
     choices = megatron_args.implemented_choices(name)
-    if choices and value is not None and value not in choices:
-        raise ConfigError(f"{path}={value}: not implemented by this project's training program yet (implemented: "
-                          f"{', '.join(map(str, choices))}) (in {where})")
+    values = value if isinstance(value, list) else [value]
+    bad = [v for v in values if v is not None and v not in (choices or values)]
+    if bad:
+        raise ConfigError(f"{path}={bad[0]}: not implemented by this project's training program yet (implemented: "
+                          f"{', '.join(map(str, choices or ()))}) (in {where})")
 
 
 def _refusal(refused: list[tuple[str, str, Any]], ctx: PlanContext) -> str:

@@ -306,6 +306,7 @@ def _data(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--data-cache-path", help="Where dataset index caches go.")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes.")
     p.add_argument("--mock-data", action="store_true", help="Random tokens instead of --data-path.")
+    p.add_argument("--no-mmap-bin-files", action="store_true", help="Read .bin files instead of memory-mapping them.")
     p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="HuggingFaceTokenizer")
     p.add_argument("--tokenizer-model", help="HuggingFaceTokenizer: a tokenizer folder; SentencePiece types: a .model.")
     p.add_argument("--tokenizer-path", help="HFTokenizerFS and other *FS types: a tokenizer folder or tokenizer.json.")

@@ -28,6 +28,7 @@ def dataset_config(args: argparse.Namespace, tokenizer) -> GPTDatasetConfig:
         path_to_cache=args.data_cache_path,
         tokenizer=tokenizer,
         reset_position_ids=args.reset_position_ids,
+        mmap_bin_files=not args.no_mmap_bin_files,
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,
         create_attention_mask=args.reset_attention_mask,  # else the causal mask is built in attention
