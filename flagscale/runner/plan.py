@@ -75,7 +75,9 @@ class Plan:
 
     @property
     def scripts_dir(self) -> str:
-        return str(Path(self.exp_dir) / "logs" / "scripts")
+        """`<exp_dir>/logs/<run id>/scripts`: one folder per launch or dryrun, so nothing ever rewrites the
+        script a running job's bash is still reading."""
+        return str(Path(self.log_dir) / "scripts")
 
     def script_path(self, spec: ProcessSpec) -> str:
         name = f"{spec.host.slug}-{spec.label}" if spec.label else spec.host.slug

@@ -34,3 +34,10 @@ def wait_for(condition, timeout: float = 15, what: str = "condition") -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def dryrun_scripts(exp: Path) -> Path:
+    """The scripts folder of the one dryrun (or launch) made in `exp`: `<exp>/logs/<run id>/scripts`."""
+    found = sorted((Path(exp) / "logs").glob("*/scripts"))
+    assert len(found) == 1, f"expected one run's scripts under {exp}/logs, found {[str(p) for p in found]}"
+    return found[0]

@@ -16,6 +16,7 @@ from flagscale.auto_tuner.memory import estimate
 from flagscale.auto_tuner.space import Candidate
 from flagscale.auto_tuner.workload import workload_from_task
 from tests.conftest import REPO, pids_alive, run_py, tiny_overrides
+from tests.helpers.jobs import dryrun_scripts
 from tests.unit.test_auto_tuner_memory import PRUNED_AT_6_2_MB
 
 pytestmark = pytest.mark.integration
@@ -77,7 +78,7 @@ def test_auto_tune_prunes_runs_resumes_and_writes_a_runnable_best(tiny_data: Pat
     best_row = max(ok, key=lambda row: float(row["tokens_per_s"]))
     dry = run_py(*best_conf, "action=dryrun")
     assert dry.returncode == 0, dry.stderr
-    script = (exp / "logs" / "scripts" / "localhost.sh").read_text()
+    script = (dryrun_scripts(exp) / "localhost.sh").read_text()
     assert f"--tensor-model-parallel-size {best_row['tp']}" in script
     assert f"--micro-batch-size {best_row['mbs']}" in script
     run = run_py(*best_conf, "action=test", "train.model.train_iters=4", "train.model.optimizer.lr_warmup_iters=1",

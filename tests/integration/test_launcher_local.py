@@ -280,3 +280,21 @@ def test_version_1_record_loads_and_is_checked_by_script(tmp_path: Path, strange
             assert record.hosts[0].start_time is None
             assert launcher.stop(record, timeout=2)[0].found == found
     assert pids_alive([stranger.pid]) == [stranger.pid] and not pids_alive([real_pgid])
+
+
+def test_dryrun_never_rewrites_the_script_a_running_job_executes(tiny_data: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """bash re-reads a script while it runs: each launch and each dryrun writes its own, under its run id."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    overrides = [*tiny_overrides(tiny_data, tmp_path), *sleeper_overrides(tmp_path)]
+    record = actions.launch(tiny_job(*overrides))
+    try:
+        script = Path(record.hosts[0].script)
+        before = script.read_text()
+        assert actions.dryrun(tiny_job(*overrides, "train.model.num_layers=2", action="dryrun")) == 0
+        assert script.read_text() == before
+        assert script.parent == Path(record.log_dir) / "scripts"
+        dry = [p for p in (tmp_path / "logs").glob("*/scripts/localhost.sh") if p != script]
+        assert len(dry) == 1 and "--num-layers 2" in dry[0].read_text()
+    finally:
+        actions.stop_job(tmp_path)

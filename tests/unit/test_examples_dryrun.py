@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, run_py
+from tests.helpers.jobs import dryrun_scripts
 
 EXPERIMENTS = sorted(
     path for path in REPO.glob("examples/*/conf/*.yaml")
@@ -26,5 +27,5 @@ def test_example_dryruns(config: Path, tmp_path: Path) -> None:
                   "action=dryrun", f"experiment.exp_dir={tmp_path}", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "dryrun: nothing was started." in proc.stdout
-    assert list((tmp_path / "logs" / "scripts").glob("*.sh")), proc.stdout
+    assert list(dryrun_scripts(tmp_path).glob("*.sh")), proc.stdout
     assert not (tmp_path / "job.json").exists()

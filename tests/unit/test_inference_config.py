@@ -19,6 +19,7 @@ from flagscale.inference.run_inference import VllmNames, parse_config, prompts_o
 from flagscale.runner.actions import prepare
 from flagscale.runner.plan import Plan
 from tests.conftest import REPO, run_py
+from tests.helpers.jobs import dryrun_scripts
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed")
@@ -155,7 +156,7 @@ def test_example_dryrun_and_run_py_errors(tmp_path: Path) -> None:
     base = (*EXAMPLE, f"experiment.exp_dir={tmp_path}")
     proc = run_py(*base, "action=dryrun", timeout=120)
     assert proc.returncode == 0, proc.stderr
-    (script,) = (tmp_path / "logs" / "scripts").glob("*.sh")
+    (script,) = dryrun_scripts(tmp_path).glob("*.sh")
     text = script.read_text()
     config = json.loads(text.split("--config-json ")[1].split("\n")[0].strip("'"))
     assert config["llm"]["model"] == "outputs/tiny_gpt/hf" and config["generate"]["sampling"]["temperature"] == 0.0

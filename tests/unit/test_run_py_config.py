@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_py
+from tests.helpers.jobs import dryrun_scripts
 
 TINY = ("--config-path", "examples/tiny_gpt/conf", "--config-name", "train")
 
@@ -56,7 +57,7 @@ def test_dryrun_writes_script_with_literal_values(tmp_path: Path) -> None:
                   f'+experiment.envs.EVIL="{evil}"')
     assert proc.returncode == 0, proc.stderr
     assert "torchrun --nnodes 1 --nproc-per-node 2" in proc.stdout
-    script = (tmp_path / "logs" / "scripts" / "localhost.sh").read_text()
+    script = (dryrun_scripts(tmp_path) / "localhost.sh").read_text()
     assert "--num-layers 2" in script
     assert "export EVIL='$(touch /tmp/flagscale_pwned) a'\"'\"'b `id`'" in script
     assert not (tmp_path / "job.json").exists()
@@ -72,8 +73,8 @@ def test_aquila_composes_and_dryruns(tmp_path: Path) -> None:
                      "--use-distributed-optimizer", "--tensor-model-parallel-size 1", "--num-layers 32",
                      "runs inside container flagscale_train", "--seed 42"):
         assert expected in out
-    scripts = sorted(p.name for p in (tmp_path / "logs" / "scripts").iterdir())
+    scripts = sorted(p.name for p in dryrun_scripts(tmp_path).iterdir())
     assert scripts == ["node1.sh", "node2.sh"]
-    node2 = (tmp_path / "logs" / "scripts" / "node2.sh").read_text()
+    node2 = (dryrun_scripts(tmp_path) / "node2.sh").read_text()
     assert "export NCCL_DEBUG=INFO" in node2 and "export NCCL_SOCKET_IFNAME=eth0" in node2
     assert "source /opt/flagscale/.venv/bin/activate" in node2

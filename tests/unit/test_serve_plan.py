@@ -19,6 +19,7 @@ from flagscale.serve.engine import endpoint, server_argv
 from flagscale.serve.overrides import hydra_value, parse_engine_args, serve_overrides
 from flagscale.serve.ray_cluster import RayCluster
 from tests.conftest import REPO, run_py
+from tests.helpers.jobs import dryrun_scripts
 
 NODE1 = Host(name="10.0.0.1", slots=8, type="H100")
 NODE2 = Host(name="10.0.0.2", slots=8, type="H100")
@@ -114,7 +115,7 @@ def test_cli_options_become_hydra_overrides() -> None:
 def test_labelled_processes_get_their_own_scripts() -> None:
     spec = ProcessSpec(host=NODE1, node_rank=0, argv=["x"], cwd="/", log_path="/l/a.log", label="ray")
     plan = Plan(task_type="serve", exp_dir="/e", run_id="r", log_dir="/l", processes=[spec])
-    assert plan.script_path(spec) == "/e/logs/scripts/10.0.0.1-ray.sh"
+    assert plan.script_path(spec) == "/l/scripts/10.0.0.1-ray.sh"
 
 
 def test_qkv_layout_round_trips_with_grouped_query_attention() -> None:
@@ -142,7 +143,7 @@ def test_tiny_gpt_serve_dryrun(tmp_path: Path) -> None:
     proc = _dryrun("tiny_gpt", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "serves at http://127.0.0.1:8000/v1" in proc.stdout and "dryrun: nothing was started" in proc.stdout
-    script = (tmp_path / "logs" / "scripts" / "localhost-tiny_gpt.sh").read_text()
+    script = (dryrun_scripts(tmp_path) / "localhost-tiny_gpt.sh").read_text()
     assert "-m vllm.entrypoints.openai.api_server --model outputs/tiny_gpt/hf" in script
     assert "--host 127.0.0.1 --port 8000" in script and "--enforce-eager" in script
     assert f"export VLLM_CACHE_ROOT={tmp_path}/cache/vllm" in script and not (tmp_path / "job.json").exists()
@@ -166,7 +167,7 @@ def test_gpu_examples_compose_and_dryrun(tmp_path: Path) -> None:
     assert "--tensor-parallel-size 2" in qwen.stdout and "serves at http://127.0.0.1:8000/v1" in qwen.stdout
     deepseek = _dryrun("deepseek_r1", tmp_path / "ds")
     assert deepseek.returncode == 0, deepseek.stderr
-    scripts = tmp_path / "ds" / "logs" / "scripts"
+    scripts = dryrun_scripts(tmp_path / "ds")
     assert sorted(p.name for p in scripts.iterdir()) == ["node1-deepseek-r1.sh", "node1-ray.sh", "node2-ray.sh"]
     head, worker = (scripts / "node1-ray.sh").read_text(), (scripts / "node2-ray.sh").read_text()
     assert "ray.scripts.scripts start --block --disable-usage-stats --head --port 6379" in head
@@ -184,7 +185,7 @@ def test_flagscale_serve_finds_examples_by_name(tmp_path: Path) -> None:
                            "--engine-args", '{"max_num_seqs": 2}', f"experiment.exp_dir={tmp_path}"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    server = (tmp_path / "logs" / "scripts" / "node1-deepseek-r1.sh").read_text()
+    server = (dryrun_scripts(tmp_path) / "node1-deepseek-r1.sh").read_text()
     assert "--port 9000" in server and "--max-num-seqs 2" in server
     bad = subprocess.run([sys.executable, "-m", "flagscale.cli", "serve", "tiny_gpt", "--dryrun", "--engine-args", "{"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -195,7 +196,7 @@ def test_inference_dryrun_and_errors(tmp_path: Path) -> None:
     base = ("--config-path", "examples/tiny_gpt/conf", "--config-name", "inference", f"experiment.exp_dir={tmp_path}")
     proc = run_py(*base, "action=dryrun", timeout=120)
     assert proc.returncode == 0, proc.stderr
-    (script,) = (tmp_path / "logs" / "scripts").glob("*.sh")
+    (script,) = dryrun_scripts(tmp_path).glob("*.sh")
     text = script.read_text()
     assert "-m flagscale.inference.run_inference --config-json" in text
     config = json.loads(text.split("--config-json ")[1].split("\n")[0].strip("'"))
