@@ -367,18 +367,31 @@ def _read_dist(path: Path, model: list, optimizer, scheduler, *, optim: bool, rn
 def _read_torch(args: argparse.Namespace, path: Path, model: list, *, optim: bool, rng: bool) -> dict:
     """This rank's model_optim_rng.pt, after checking that it fits this run."""
     running = running_layout()
-    _check_layout(path, torch_layout(path, single_suffix_is_expert=running[1] == 1 and running[2] > 1), running)
     file = own_rank_dir(path) / MODEL_FILE
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=False)  # args, RNG and numpy states: a pickle
-    except LOAD_ERRORS as err:
-        raise CheckpointError(f"checkpoint {file} could not be loaded ({_reason(err)})") from err
-    saved = state.get("args")
-    if saved is not None:  # the saved arguments settle what the folder names leave open
-        sizes = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
-        _check_layout(path, tuple(getattr(saved, name, None) or 1 for name in sizes), running)
+    if not file.is_file():  # another layout: named from the saved arguments (tensors stay on disk)
+        first = sorted(_rank_names(path).values())[0] / MODEL_FILE
+        _check_layout(path, _args_layout(_torch_load(first, mmap=True).get("args")) or torch_layout(path), running)
+        raise CheckpointError(f"checkpoint {path} has no {file.parent.name}/{MODEL_FILE} for this rank")
+    state = _torch_load(file)
+    by_names = torch_layout(path, single_suffix_is_expert=running[1] == 1 and running[2] > 1)
+    _check_layout(path, _args_layout(state.get("args")) or by_names, running)
     _check_torch_state(args, file, state, model, optim=optim, rng=rng)
     return state
+
+
+def _torch_load(file: Path, mmap: bool = False) -> dict:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)  # args and RNG states: a pickle
+    except LOAD_ERRORS as err:
+        raise CheckpointError(f"checkpoint {file} could not be loaded ({_reason(err)})") from err
+
+
+def _args_layout(saved: argparse.Namespace | None) -> tuple[int, int, int] | None:
+    """(tp, pp, ep) the saved arguments name (they settle what Megatron-LM's folder names leave open)."""
+    if saved is None:
+        return None
+    sizes = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
+    return tuple(getattr(saved, name, None) or 1 for name in sizes)
 
 
 def _check_layout(path: Path, saved: tuple[int, ...], running: tuple[int, ...]) -> None:

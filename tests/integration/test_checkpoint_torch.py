@@ -1,7 +1,8 @@
 """`--ckpt-format torch` (Megatron-LM's legacy per-rank files) under a real torchrun (2 CPU processes):
-a data-parallel run with the distributed optimizer stops, resumes at the same iteration and ends with
-the losses of an uninterrupted run; pipeline ranks are named as Megatron-LM names them; a different
-tp/pp on resume is one clear line naming both layouts; the HF converter reads a tp=1 pp=1 checkpoint."""
+a data-parallel (and an expert-parallel) run with the distributed optimizer stops, resumes at the same
+iteration and ends with the losses of an uninterrupted run; pipeline and expert ranks are named as
+Megatron-LM names them; a different tp/pp/ep on resume is one clear line naming both layouts; the HF
+converter reads a tp=1 pp=1 checkpoint."""
 
 from __future__ import annotations
 
@@ -17,37 +18,58 @@ pytestmark = pytest.mark.integration
 DP2 = ["--use-distributed-optimizer", "--train-iters", "12", "--log-interval", "2"]
 
 
-@pytest.fixture(scope="module")
-def dp2_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One uninterrupted run to 12 (metrics in whole/), and one stopped at 6 in torch format then resumed (split/)."""
-    root = tmp_path_factory.mktemp("torch_ckpt")
-    whole = torchrun(*SMALL_MODEL, *data_args(tiny_data), *DP2, "--metrics-dir", str(root / "whole"))
+def whole_and_split(data: Path, root: Path, *extra: str) -> Path:
+    """One uninterrupted run to 12 (metrics in whole/), and one stopped at 6 in torch format then resumed
+    (split/, checkpoints in ckpt/, logs first.log and second.log); returns `root`."""
+    common = [*SMALL_MODEL, *data_args(data), *DP2, *extra]
+    whole = torchrun(*common, "--metrics-dir", str(root / "whole"))
     assert whole.returncode == 0, whole.stdout[-3000:]
-    split = [*SMALL_MODEL, *data_args(tiny_data), *DP2, "--ckpt-format", "torch", "--save", str(root / "ckpt"),
-             "--load", str(root / "ckpt"), "--metrics-dir", str(root / "split")]  # fmt: skip
-    first = torchrun(*split, "--exit-interval", "6")
-    assert first.returncode == 0, first.stdout[-3000:]
-    (root / "first.log").write_text(first.stdout)
-    second = torchrun(*split)
-    assert second.returncode == 0, second.stdout[-3000:]
-    (root / "second.log").write_text(second.stdout)
+    split = [*common, "--ckpt-format", "torch", "--save", str(root / "ckpt"), "--load", str(root / "ckpt"),
+             "--metrics-dir", str(root / "split")]  # fmt: skip
+    for name, stop in (("first", ["--exit-interval", "6"]), ("second", [])):
+        run = torchrun(*split, *stop)
+        assert run.returncode == 0, run.stdout[-3000:]
+        (root / f"{name}.log").write_text(run.stdout)
     return root
 
 
-def test_resume_from_torch_format_is_exact(dp2_runs: Path) -> None:
-    ckpt = dp2_runs / "ckpt"
-    assert sorted(p.name for p in (ckpt / "iter_0000006" / "mp_rank_00").iterdir()) == [
-        "distrib_optim.pt", "model_optim_rng.pt",
-    ]  # fmt: skip
-    assert sorted(p.name for p in (ckpt / "iter_0000006").iterdir()) == ["mp_rank_00"]
+def assert_resumed_exactly(root: Path) -> None:
+    """Resumed at 6, ended at 12, with the uninterrupted run's losses."""
+    ckpt = root / "ckpt"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
-    assert "starting fresh" in (dp2_runs / "first.log").read_text()
-    assert f"resuming from checkpoint {ckpt / 'iter_0000006'} at iteration 6" in (dp2_runs / "second.log").read_text()
-    starts = [e for e in events(dp2_runs / "split") if e["event"] == "start"]
+    assert "starting fresh" in (root / "first.log").read_text()
+    assert f"resuming from checkpoint {ckpt / 'iter_0000006'} at iteration 6" in (root / "second.log").read_text()
+    starts = [e for e in events(root / "split") if e["event"] == "start"]
     assert [(s["start_iteration"], s["train_iters"]) for s in starts] == [(0, 12), (6, 12)]
-    expected, got = train_losses(events(dp2_runs / "whole")), train_losses(events(dp2_runs / "split"))
+    expected, got = train_losses(events(root / "whole")), train_losses(events(root / "split"))
     assert sorted(got) == sorted(expected) == list(range(2, 13, 2))
     assert got == pytest.approx(expected, rel=1e-6)
+
+
+def rank_files(iteration: Path) -> dict[str, list[str]]:
+    return {d.name: sorted(f.name for f in d.iterdir()) for d in sorted(iteration.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def dp2_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return whole_and_split(tiny_data, tmp_path_factory.mktemp("torch_ckpt"))
+
+
+def test_resume_from_torch_format_is_exact(dp2_runs: Path) -> None:
+    files = ["distrib_optim.pt", "model_optim_rng.pt"]
+    assert rank_files(dp2_runs / "ckpt" / "iter_0000006") == {"mp_rank_00": files}
+    assert_resumed_exactly(dp2_runs)
+
+
+def test_expert_parallel_ranks_resume_exactly(tiny_data: Path, tmp_path: Path) -> None:
+    """MoE with ep=2: one folder per expert rank (mp_rank_TT_EEE), each with its optimizer state."""
+    whole_and_split(tiny_data, tmp_path, "--num-experts", "2", "--expert-model-parallel-size", "2")
+    files = ["distrib_optim.pt", "model_optim_rng.pt"]
+    assert rank_files(tmp_path / "ckpt" / "iter_0000006") == {"mp_rank_00_000": files, "mp_rank_00_001": files}
+    assert_resumed_exactly(tmp_path)
+    dense = torchrun(*SMALL_MODEL, *data_args(tiny_data), *DP2, "--num-experts", "2", "--load", str(tmp_path / "ckpt"))
+    assert dense.returncode != 0
+    assert "was saved with tp=1 pp=1 ep=2 but this run has tp=1 pp=1;" in dense.stdout
 
 
 def test_converter_reads_a_torch_format_checkpoint(dp2_runs: Path) -> None:
