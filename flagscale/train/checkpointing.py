@@ -145,14 +145,13 @@ def _checked(path: Path, iteration: int, ckpt_format: str) -> tuple[Path, int]:
 def _check_torch_files(path: Path) -> None:
     """The mp_rank_* folders of a torch-format checkpoint form a whole grid, each with its model file."""
     names = _rank_names(path)
+    if len({len(rank) for rank in names}) > 1:
+        raise CheckpointError(f"checkpoint {path} mixes mp_rank_* folders of different layouts")
     sizes = [max(rank[i] for rank in names) + 1 for i in range(len(next(iter(names))))]
-    grid = itertools.product(*(range(size) for size in sizes))
-    for rank in grid:
+    for rank in itertools.product(*(range(size) for size in sizes)):
         folder = names.get(rank) or mp_rank_dir(path, *rank)
         if not (folder / MODEL_FILE).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: no {folder.name}/{MODEL_FILE}")
-    if len({len(rank) for rank in names}) > 1:
-        raise CheckpointError(f"checkpoint {path} mixes mp_rank_* folders of different layouts")
 
 
 def _reason(err: BaseException) -> str:
@@ -174,12 +173,16 @@ def _rng_dict() -> dict:
 
 
 def _rng_state() -> ShardedObject:
-    """The RNG states as a torch_dist object: one per (pp, tp) rank, saved by data-parallel rank 0."""
+    """The RNG states as a torch_dist object: one per (pp, tp) rank, saved by data-parallel rank 0;
+    with expert parallelism one per (pp, tp, dp) rank, as the expert-parallel RNG differs per rank."""
     state = _rng_dict()
     shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size())
     offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
-    replica = ps.get_data_parallel_rank(with_context_parallel=True)
-    return ShardedObject("rng_state", [state], shape, offset, replica_id=replica)
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+    if ps.get_expert_model_parallel_world_size() > 1:
+        dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
+        return ShardedObject("rng_state", [state], (*shape, dp_size), (*offset, dp_rank), replica_id=0)
+    return ShardedObject("rng_state", [state], shape, offset, replica_id=dp_rank)
 
 
 def _set_rng_state(states: list[dict]) -> None:
