@@ -10,6 +10,9 @@ Standard library only: hosts need nothing installed but Python. It prints one JS
   stop   PGID START SCRIPT TIMEOUT
                               SIGTERM every process group of the job tree, wait, SIGKILL the rest
   port   PORT                 PORT (0: any) if it can be bound here, else an error
+  probe  PORT NAME=VALUE...   the devices visible here under the job's environment (NAME=VALUE: the
+                              *_VISIBLE_DEVICES the job's env layers set; they win over this host's own),
+                              and PORT as `port` checks it (PORT '-': no port)
 
 The job tree is every process in the recorded session/group plus all their descendants: torchrun
 starts each worker in a session of its own, so the workers' groups are found through the tree
@@ -24,6 +27,7 @@ and inherited) are the job's. Anything else under that number is another process
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -50,6 +54,7 @@ def _procs():
 
 
 MARK = "FLAGSCALE_SCRIPT"
+VISIBLE_DEVICE_VARS = ("CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES")
 
 
 def _tree(root, procs=None, member=None):
@@ -204,8 +209,28 @@ def port(number):
         sock.close()
 
 
+def visible_devices(job_env, host_env):
+    """The first *_VISIBLE_DEVICES set (the job's value over the host's) as {variable, value, count, source};
+    None if none is set or it lists no device (then nothing caps the process count)."""
+    for name in VISIBLE_DEVICE_VARS:
+        value = job_env.get(name, host_env.get(name))
+        if value is not None:
+            count = len([d for d in re.split(r"[,\s]+", value) if d])
+            source = "the job's envs" if name in job_env else "the host's environment"
+            return {"variable": name, "value": value, "count": count, "source": source} if count else None
+    return None
+
+
+def probe(number, *assignments):
+    job_env = dict(a.split("=", 1) for a in assignments)
+    answer = {"devices": visible_devices(job_env, os.environ)}
+    if number != "-":
+        answer.update(port(number))
+    return answer
+
+
 def main(argv):
-    verbs = {"start": start, "status": status, "stop": stop, "port": port}
+    verbs = {"start": start, "status": status, "stop": stop, "port": port, "probe": probe}
     print(json.dumps(verbs[argv[0]](*argv[1:])))
 
 

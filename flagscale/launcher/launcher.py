@@ -35,6 +35,14 @@ class HostStatus:
 
 
 @dataclass(slots=True, kw_only=True)
+class HostFacts:
+    """What the hosts said before the launch: the master's free rendezvous port, each host's visible devices."""
+
+    port: int
+    devices: dict[Host, int | None]
+
+
+@dataclass(slots=True, kw_only=True)
 class StopResult:
     host: Host
     found: int = 0
@@ -87,34 +95,31 @@ class Launcher:
                               f"not a JSON object; check that '{self.python}' there is Python 3")
         return answer
 
-    def connect_all(self, hosts: list[Host], master: Host, port: int | None) -> int:
-        """Open every host's connection at once (an unreachable host fails here, before anything
-        starts) while the master host is asked for a free rendezvous port; returns that port."""
-
-        def reach(host: Host) -> int | None:
-            if host == master:
-                return self.free_port(host, port)
-            connect = getattr(self.transport(host), "connect", None)
-            if connect is not None:
-                connect()
-            return None
-
-        outcomes = parallel(hosts, reach)
+    def connect_all(self, hosts: list[Host], master: Host, port: int | None,
+                    job_env: Callable[[Host], dict[str, str]]) -> HostFacts:
+        """Ask every host at once (an unreachable host fails here, before anything starts) which devices it
+        sees under the job's environment (`job_env(host)`: the *_VISIBLE_DEVICES the job sets there), and
+        the master host for a free rendezvous port."""
+        outcomes = parallel(hosts, lambda host: self._probe(host, str(port or 0) if host == master else "-",
+                                                            job_env(host)))
         failed = [(h, o) for h, o in zip(hosts, outcomes) if isinstance(o, Exception)]
         if failed:
             raise LaunchError(f"cannot reach {len(failed)} of {len(hosts)} host(s); nothing was started:\n"
                               + "\n".join(f"  {h.name}: {err}" for h, err in failed))
-        return next(o for h, o in zip(hosts, outcomes) if h == master)  # type: ignore[return-value]
+        answers = dict(zip(hosts, outcomes))
+        devices = {h: _device_count(h, a) for h, a in answers.items()}  # type: ignore[arg-type]
+        return HostFacts(port=int(answers[master]["port"]), devices=devices)  # type: ignore[index]
 
-    def free_port(self, host: Host, port: int | None) -> int:
-        """A rendezvous port that is free on `host` itself (the requested one, or any)."""
-        answer = self.hostctl(host, "port", str(port or 0))
+    def _probe(self, host: Host, port: str, job_env: dict[str, str]) -> dict[str, Any]:
+        """hostctl `probe` on one host; with a port (the master's: a number, 0 for any), it must be free there."""
+        assignments = [f"{k}={v}" for k, v in job_env.items()]
+        answer = self.hostctl(host, "probe", port, *assignments)
         if "error" in answer:
             raise LaunchError(
                 f"host {host.name}: {answer['error']}; set experiment.runner.master_port to a free port "
                 "or remove it to let FlagScale pick one"
             )
-        return int(answer["port"])
+        return answer
 
     def launch(self, plan: Plan, record_base: dict[str, Any]) -> JobRecord:
         """Start every host's script and save the job record. Whatever ends the launch early (a host that
@@ -333,6 +338,15 @@ def _host_record(spec: ProcessSpec, script: str, answer: dict[str, Any]) -> Host
     return HostRecord(host=spec.host, node_rank=spec.node_rank, pgid=pgid, start_time=start, script=script,
                       log_path=spec.log_path, exit_file=spec.exit_file, started_at=time.time(),
                       pid_file=spec.pid_file)
+
+
+def _device_count(host: Host, answer: dict[str, Any]) -> int | None:
+    devices = answer.get("devices")
+    try:
+        return None if devices is None else int(devices["count"])
+    except (KeyError, TypeError, ValueError):
+        raise LaunchError(f"host {host.name}: the host controller's device report {devices!r} is malformed; "
+                          "check that the same FlagScale runs there") from None
 
 
 def _identity(host_record: HostRecord) -> tuple[str, str, str]:

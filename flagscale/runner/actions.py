@@ -83,6 +83,9 @@ def dryrun(job: JobConfig) -> int:
     if plan.master_port is None:
         console.print("note: the rendezvous port is chosen at launch, free on the master host "
                       "(set experiment.runner.master_port to fix it)")
+    if plan.task_type == "train":
+        console.print("note: dryrun does not ask the hosts: processes per host are capped by slots and by the "
+                      "*_VISIBLE_DEVICES that experiment.envs sets; at launch each host's own visible devices count")
     console.print("dryrun: nothing was started.")
     return 0
 
@@ -110,7 +113,9 @@ def launch(job: JobConfig) -> JobRecord:
     runner, ctx = prepare(job)
     _refuse_if_running(job)
     with make_launcher(launcher_settings(job)) as launcher:
-        ctx.master_port = launcher.connect_all(ctx.hosts, ctx.hosts[0], ctx.master_port)
+        facts = launcher.connect_all(ctx.hosts, ctx.hosts[0], ctx.master_port, ctx.job_device_env)
+        ctx.master_port = facts.port
+        _use_host_devices(runner, ctx, facts.devices)
         plan = runner.plan(ctx)
         for note in plan.notes:
             console.print(f"note: {note}")
@@ -125,6 +130,15 @@ def launch(job: JobConfig) -> JobRecord:
             launcher.roll_back(record, record.settings["stop_timeout"])
             raise
     return record
+
+
+def _use_host_devices(runner: TaskRunner, ctx: PlanContext, devices: dict) -> None:
+    """Cap processes by the devices each host itself sees; if that changes them, validate the layout again."""
+    before = [ctx.nproc(h) for h in ctx.hosts]
+    ctx.host_devices = devices
+    if [ctx.nproc(h) for h in ctx.hosts] != before:
+        ctx.notes = list(ctx.job.notes)
+        runner.validate(ctx)
 
 
 def _check_ports(launcher: Launcher, plan: Plan) -> None:

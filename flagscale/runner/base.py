@@ -4,8 +4,6 @@ it never starts a process or opens a connection itself."""
 from __future__ import annotations
 
 import importlib
-import os
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +13,7 @@ from flagscale.config.envs import layered_env
 from flagscale.config.hostfile import Host
 from flagscale.config.loader import JobConfig
 from flagscale.exceptions import ConfigError
+from flagscale.launcher.hostctl import VISIBLE_DEVICE_VARS, visible_devices
 from flagscale.runner.plan import Plan
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +29,9 @@ class PlanContext:
     master_port: int | None
     notes: list[str] = field(default_factory=list)
     """Warnings found while validating (shown by dryrun and run)."""
+    host_devices: dict[Host, int | None] | None = None
+    """The devices each host sees under the job's environment, as it reported them at launch (None: the hosts
+    were not asked, as in a dryrun: then only the config's env layers count)."""
 
     @property
     def exp_dir(self) -> Path:
@@ -55,18 +57,26 @@ class PlanContext:
         caps = [wanted]
         if host.slots:
             caps.append(host.slots)
-        visible = _visible_devices(self.host_env(host))
+        visible = self.visible_devices(host)
         if visible is not None:
             caps.append(visible)
         return min(caps)
 
+    def visible_devices(self, host: Host) -> int | None:
+        """What the host reported, else what the config's env layers set for it (never this machine's own)."""
+        if self.host_devices is not None and host in self.host_devices:
+            return self.host_devices[host]
+        return devices_count(self.host_env(host))
 
-def _visible_devices(env: dict[str, str]) -> int | None:
-    for name in ("CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"):
-        value = env.get(name, os.environ.get(name))
-        if value is not None:
-            return len([d for d in re.split(r"[,\s]+", value) if d])
-    return None
+    def job_device_env(self, host: Host) -> dict[str, str]:
+        """The *_VISIBLE_DEVICES the job's env layers set for a host (sent to it when it is asked)."""
+        return {k: v for k, v in self.host_env(host).items() if k in VISIBLE_DEVICE_VARS}
+
+
+def devices_count(job_env: dict[str, str], host_env: dict[str, str] | None = None) -> int | None:
+    """How many devices *_VISIBLE_DEVICES lists (the job's value over the host's); None: no cap."""
+    found = visible_devices(job_env, host_env or {})
+    return None if found is None else int(found["count"])
 
 
 class TaskRunner(ABC):

@@ -62,15 +62,18 @@ class SSHCluster:
     def env(self) -> dict[str, str]:
         return {"HOME": str(self.home)}
 
-    def start(self, addr: str, port: int | None = None) -> SSHServer:
+    def start(self, addr: str, port: int | None = None, env: dict[str, str] | None = None) -> SSHServer:
+        """An sshd on addr:port; its sessions get `env` (sshd's SetEnv) besides HOME."""
         port = port or free_port(addr)
+        set_env = {**({"HOME": str(self.home)} if self.host_home else {}), **(env or {})}
+        set_env_line = "SetEnv " + " ".join(f"{k}={v}" for k, v in set_env.items()) + "\n" if set_env else ""
         config = self.etc / f"sshd_{addr}_{port}.conf"
         config.write_text(
             f"Port {port}\nListenAddress {addr}\nHostKey {self.etc / 'host_key'}\n"
             f"PidFile {self.etc / f'sshd_{addr}_{port}.pid'}\nAuthorizedKeysFile {self.etc / 'authorized_keys'}\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
             "StrictModes no\nUsePAM no\nSubsystem sftp internal-sftp\nMaxStartups 100:30:200\nMaxSessions 100\n"
-            "LogLevel ERROR\n" + (f"SetEnv HOME={self.home}\n" if self.host_home else "")
+            "LogLevel ERROR\n" + set_env_line
         )
         log = open(self.etc / f"sshd_{addr}_{port}.log", "wb")
         proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT,

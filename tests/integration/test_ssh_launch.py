@@ -184,3 +184,26 @@ def test_sftp_error_stops_started_hosts_and_records_them(cluster: SSHCluster, ti
     assert [h["host"]["name"] for h in started] == ["127.0.0.2"]
     assert started[0]["stopped_at"] is not None
     wait_for(lambda: not group_members([started[0]["pgid"]]), 10, "the started host's job to end")
+
+
+def test_nproc_capped_by_the_hosts_own_visible_devices(cluster: SSHCluster, tiny_data: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The host's sessions see CUDA_VISIBLE_DEVICES=0,1; this machine's own value (0) is not the host's."""
+    from flagscale.runner import actions
+
+    gpu_host = cluster.start("127.0.0.6", env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    monkeypatch.setenv("HOME", str(cluster.home))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    hostfile = tmp_path / "hostfile.txt"
+    hostfile.write_text(f"127.0.0.6 slots=4 port={gpu_host.port}\n")
+    job = tiny_job(*tiny_overrides(tiny_data, tmp_path), *sleeper_overrides(tmp_path),
+                   f"+experiment.runner.hostfile={hostfile}", "experiment.runner.nproc_per_node=4")
+    record = actions.launch(job)
+    try:
+        assert record.info["world_size"] == 2
+        assert "host 127.0.0.6: nproc_per_node capped to 2" in capsys.readouterr().out
+    finally:
+        actions.stop_job(tmp_path)
+        gpu_host.stop()

@@ -78,3 +78,18 @@ def test_nproc_capped_by_slots_and_visible_devices() -> None:
     assert ctx.nproc(Host(name="a", slots=4)) == 4
     assert ctx.nproc(Host(name="b", slots=8, type="B")) == 3
     assert ctx.nproc(Host(name="c", slots=8, type="C")) == 1
+
+
+def test_dryrun_nproc_uses_the_config_envs_not_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a connection only the config's env layers can say what a host sees; the launching shell's
+    CUDA_VISIBLE_DEVICES says nothing about another host."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    ctx = _ctx(["experiment.runner.nproc_per_node=4"])
+    assert ctx.nproc(Host(name="a", slots=4)) == 4
+
+
+def test_nproc_capped_by_what_each_host_reports() -> None:
+    ctx = _ctx(["experiment.runner.nproc_per_node=4", "+experiment.envs.CUDA_VISIBLE_DEVICES='0'"])
+    a, b = Host(name="a", slots=4), Host(name="b", slots=4)
+    ctx.host_devices = {a: 2, b: None}  # a: its own CUDA_VISIBLE_DEVICES lists 2; b: sets none
+    assert ctx.nproc(a) == 2 and ctx.nproc(b) == 4
