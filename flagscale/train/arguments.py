@@ -511,6 +511,10 @@ def _moe_problems(args: argparse.Namespace) -> list[str]:
         f"moe_router_topk ({args.moe_router_topk}) exceeds num_experts ({experts})"
     ]
     problems += _moe_layer_freq_problems(args.moe_layer_freq, args.num_layers)
+    if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
+        problems.append(f"num_experts with tensor_model_parallel_size ({args.tensor_model_parallel_size}) > 1 needs "
+                        "sequence_parallel (Megatron-Core's MoE layer refuses to train without it); "
+                        "or split the experts with expert_model_parallel_size instead")
     groups, group_topk = args.moe_router_num_groups, args.moe_router_group_topk
     if group_topk and not groups:
         problems.append("moe_router_group_topk needs moe_router_num_groups")

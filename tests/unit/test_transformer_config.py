@@ -129,6 +129,8 @@ def test_moe_layer_freq_never_evaluates_code(text: str) -> None:
         (["--num-experts", "4", "--moe-router-group-topk", "1"], "moe_router_group_topk needs moe_router_num_groups"),
         (["--num-experts", "4", "--moe-router-topk", "1"], "moe_router_topk 1 with the softmax score function"),
         (["--moe-ffn-hidden-size", "32"], "moe_ffn_hidden_size needs num_experts"),
+        (["--num-experts", "4", "--tensor-model-parallel-size", "2"],
+         "num_experts with tensor_model_parallel_size (2) > 1 needs sequence_parallel"),
         (["--multi-latent-attention"], "multi_latent_attention and group_query_attention exclude each other"),
         (["--rope-type", "yarn"], "rope_type yarn needs multi_latent_attention"),
         (["--expert-model-parallel-size", "2"], "expert_model_parallel_size (2) > 1 needs a model with experts"),
