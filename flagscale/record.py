@@ -4,7 +4,6 @@ stop/query/logs need nothing else, from any later process, even after the launch
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -13,6 +12,7 @@ from typing import Any
 
 from flagscale.config.hostfile import Host
 from flagscale.exceptions import JobRecordError
+from flagscale.launcher.private import write_private
 
 RECORD_VERSION = 2
 """2: each host's process start time and pid file. Version 1 records load (without them: the host controller
@@ -71,11 +71,8 @@ class JobRecord:
         return record_path(self.exp_dir)
 
     def save(self) -> None:
-        """Write atomically: a reader never sees half a record."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(self), indent=2, default=str) + "\n")
-        os.replace(tmp, self.path)
+        """Write atomically (a reader never sees half a record), readable by the owner only."""
+        write_private(self.path, json.dumps(asdict(self), indent=2, default=str) + "\n")
 
     def mark_stop_requested(self) -> None:
         if self.stop_requested_at is None:

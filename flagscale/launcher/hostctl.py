@@ -125,8 +125,10 @@ def _alive(pids):
 
 
 def start(script, log, pid_file, grace):
-    os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
-    with open(log, "wb") as out, open(os.devnull, "rb") as devnull:
+    os.makedirs(os.path.dirname(log) or ".", mode=0o700, exist_ok=True)
+    with os.fdopen(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out, \
+            open(os.devnull, "rb") as devnull:
+        os.fchmod(out.fileno(), 0o600)
         proc = subprocess.Popen(
             ["bash", script], stdin=devnull, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, env={**os.environ, MARK: script},

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from flagscale.config.hostfile import Host
 from flagscale.exceptions import FlagScaleError, LaunchError
+from flagscale.launcher.private import SCRIPT_MODE, private_dirs, write_private
 from flagscale.launcher.transport import SSHSettings, Transport, open_transport
 from flagscale.record import HostRecord, JobRecord, JobState
 from flagscale.runner.plan import Plan, ProcessSpec, render_script
@@ -144,14 +145,18 @@ class Launcher:
         return record
 
     def _write_scripts(self, plan: Plan) -> None:
+        """On a shared file system, every host's script is written here (owner only)."""
+        if self.shared_fs:
+            private_dirs(plan.log_dir, plan.scripts_dir)
         for spec in plan.processes if self.shared_fs else []:
-            _write_local(plan.script_path(spec), render_script(plan, spec))
+            write_private(plan.script_path(spec), render_script(plan, spec), SCRIPT_MODE)
 
     def _start_one(self, plan: Plan, index: int, spec: ProcessSpec, started: dict[int, HostRecord]) -> HostRecord:
         """Start one host's script; its record goes into `started` as soon as the host reports a process."""
         script = plan.script_path(spec)
         if not self.shared_fs:
-            self.transport(spec.host).write_file(script, render_script(plan, spec))
+            self.transport(spec.host).write_file(script, render_script(plan, spec), SCRIPT_MODE,
+                                                 private=(plan.log_dir, plan.scripts_dir))
         answer = self.hostctl(spec.host, "start", script, spec.log_path, spec.pid_file, str(START_GRACE_S),
                               timeout=START_TIMEOUT_S)
         host_record = _host_record(spec, script, answer)
@@ -262,8 +267,8 @@ class Launcher:
             except FlagScaleError:
                 continue
             if text is not None:
-                local.parent.mkdir(parents=True, exist_ok=True)
-                local.write_text(text)
+                private_dirs(local.parent)
+                write_private(local, text)
                 copied.append(str(local))
         return copied
 
@@ -365,8 +370,3 @@ def _cleanup_note(record: JobRecord) -> str:
     return (f"; could not stop what started on {', '.join(left)}: run action=stop once the host answers "
             f"(recorded in {record.path})")
 
-
-def _write_local(path: str, text: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text)
-    Path(path).chmod(0o755)

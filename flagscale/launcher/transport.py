@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from flagscale.config.hostfile import Host
 from flagscale.exceptions import LaunchError
+from flagscale.launcher.private import DIR_MODE, FILE_MODE, private_dirs, write_private
 
 if TYPE_CHECKING:  # imported where used: a dryrun on this machine alone needs no SSH library
     import paramiko
@@ -53,7 +54,9 @@ class Transport(ABC):
     def run(self, argv: list[str], timeout: float | None = None) -> CommandResult: ...
 
     @abstractmethod
-    def write_file(self, path: str, text: str, mode: int = 0o755) -> None: ...
+    def write_file(self, path: str, text: str, mode: int = FILE_MODE, private: tuple[str, ...] = ()) -> None:
+        """Write `text` into a file created with `mode`; the folders in `private` (parents first) are made 0700
+        before it is written."""
 
     @abstractmethod
     def read_text(self, path: str) -> str | None:
@@ -81,10 +84,9 @@ class LocalTransport(Transport):
                               "is this machine overloaded?") from None
         return CommandResult(proc.returncode, proc.stdout, proc.stderr)
 
-    def write_file(self, path: str, text: str, mode: int = 0o755) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
-        os.chmod(path, mode)
+    def write_file(self, path: str, text: str, mode: int = FILE_MODE, private: tuple[str, ...] = ()) -> None:
+        private_dirs(*private)
+        write_private(path, text, mode)
 
     def read_text(self, path: str) -> str | None:
         try:
@@ -161,16 +163,18 @@ class SSHTransport(Transport):
             raise LaunchError(f"{self._where()}: connection lost ({exc or type(exc).__name__})") from None
         return CommandResult(code, out, err)
 
-    def write_file(self, path: str, text: str, mode: int = 0o755) -> None:
+    def write_file(self, path: str, text: str, mode: int = FILE_MODE, private: tuple[str, ...] = ()) -> None:
         import paramiko
 
-        self.run(["mkdir", "-p", os.path.dirname(path)])
+        self.run(["mkdir", "-p", *private, os.path.dirname(path)])
         try:
             sftp = self.connect().open_sftp()
             try:
+                for folder in private:
+                    sftp.chmod(folder, DIR_MODE)
                 with sftp.open(path, "w") as handle:
+                    sftp.chmod(path, mode)  # before the text goes in
                     handle.write(text)
-                sftp.chmod(path, mode)
             finally:
                 sftp.close()
         except (OSError, paramiko.SSHException) as err:

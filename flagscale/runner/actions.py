@@ -17,6 +17,7 @@ from rich.table import Table
 from flagscale.config.loader import JobConfig, select_hosts, unused_variable_error
 from flagscale.exceptions import ConfigError, FlagScaleError, JobRecordError, LaunchError
 from flagscale.launcher.launcher import Launcher, job_state
+from flagscale.launcher.private import SCRIPT_MODE, private_dirs, write_private
 from flagscale.launcher.transport import SSHSettings
 from flagscale.record import JobRecord, JobState, load_record, record_path
 from flagscale.runner.base import PlanContext, TaskRunner, runner_for
@@ -68,10 +69,10 @@ def dryrun(job: JobConfig) -> int:
     runner, ctx = prepare(job)
     plan = runner.plan(ctx)
     launcher = make_launcher(launcher_settings(job))
+    private_dirs(plan.log_dir, plan.scripts_dir)
     for spec in plan.processes:
         path = Path(plan.script_path(spec))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render_script(plan, spec))
+        write_private(path, render_script(plan, spec), SCRIPT_MODE)
         target = "local" if spec.host.is_local else launcher.transport(spec.host).target
         console.print(f"[bold]host {spec.host.name}[/] (node rank {spec.node_rank}, ssh target: {target})")
         console.print(f"  script: {path}")
@@ -319,8 +320,8 @@ def _record_base(job: JobConfig, plan: Plan) -> dict:
 
 
 def _save_config(job: JobConfig, plan: Plan) -> None:
-    Path(plan.log_dir).mkdir(parents=True, exist_ok=True)
-    (Path(plan.log_dir) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(job.raw)))
+    private_dirs(plan.log_dir)
+    write_private(Path(plan.log_dir) / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(job.raw)))
 
 
 def _config_args(job: JobConfig) -> str:

@@ -100,7 +100,8 @@ def render_script(plan: Plan, spec: ProcessSpec) -> str:
         lines += ["set +e", shlex.join(spec.argv), "status=$?"]
     else:
         lines += _container_lines(plan, spec, body)
-    lines += ['echo "$status" > "$exit_file"', 'exit "$status"']
+    lines += ["umask 077  # the job has ended: the exit file is the owner's only",
+              'echo "$status" > "$exit_file"', 'exit "$status"']
     return "\n".join(lines) + "\n"
 
 
@@ -111,7 +112,8 @@ def _job_lines(spec: ProcessSpec) -> list[str]:
     lines += [f"export {name}={q(value)}" for name, value in spec.env.items()]
     if spec.before_start:
         lines.append("# experiment.cmds.before_start (a failure ends the script with its status)")
-        lines.append("trap 'echo \"$?\" > \"$exit_file\"' ERR" if spec.container is None else "set -e")
+        lines.append("trap 'status=$?; umask 077; echo \"$status\" > \"$exit_file\"' ERR" if spec.container is None
+                     else "set -e")
         lines += spec.before_start
         lines.append("trap - ERR" if spec.container is None else "set +e")
     return lines

@@ -23,5 +23,6 @@ docker exec -i "$container" bash -c "$inner" &
 child=$!
 wait "$child"
 status=$?
+umask 077  # the job has ended: the exit file is the owner's only
 echo "$status" > "$exit_file"
 exit "$status"

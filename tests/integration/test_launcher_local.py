@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -296,5 +297,34 @@ def test_dryrun_never_rewrites_the_script_a_running_job_executes(tiny_data: Path
         assert script.parent == Path(record.log_dir) / "scripts"
         dry = [p for p in (tmp_path / "logs").glob("*/scripts/localhost.sh") if p != script]
         assert len(dry) == 1 and "--num-layers 2" in dry[0].read_text()
+    finally:
+        actions.stop_job(tmp_path)
+
+
+def _mode(path: str | Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_files_holding_the_jobs_environment_are_owner_only(tiny_data: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    old_umask = os.umask(0o022)
+    try:
+        overrides = [*tiny_overrides(tiny_data, tmp_path), *sleeper_overrides(tmp_path), "+experiment.envs.TOKEN=s3"]
+        assert actions.dryrun(tiny_job(*overrides, action="dryrun")) == 0
+        record = actions.launch(tiny_job(*overrides))
+    finally:
+        os.umask(old_umask)
+    try:
+        host = record.hosts[0]
+        dry_scripts = [p for p in (tmp_path / "logs").glob("*/scripts") if p != Path(host.script).parent]
+        modes = {"run dir": (record.log_dir, 0o700), "scripts dir": (Path(host.script).parent, 0o700),
+                 "script": (host.script, 0o700), "job.json": (tmp_path / "job.json", 0o600),
+                 "config.yaml": (Path(record.log_dir) / "config.yaml", 0o600), "log": (host.log_path, 0o600),
+                 "pid file": (host.pid_file, 0o600), "dryrun run dir": (dry_scripts[0].parent, 0o700),
+                 "dryrun scripts dir": (dry_scripts[0], 0o700),
+                 "dryrun script": (dry_scripts[0] / "localhost.sh", 0o700)}
+        wrong = {name: oct(_mode(path)) for name, (path, mode) in modes.items() if _mode(path) != mode}
+        assert not wrong, wrong
     finally:
         actions.stop_job(tmp_path)

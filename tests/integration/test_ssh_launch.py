@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -140,8 +141,11 @@ def test_no_shared_fs_copies_scripts_and_streams_logs(cluster: SSHCluster, tiny_
     _sleepers(tmp_path, 2)
     record = _record(tmp_path)
     assert record["settings"]["no_shared_fs"] is True
-    for host in record["hosts"]:  # written over SFTP (loopback hosts see the same path)
-        assert Path(host["script"]).read_text().startswith("#!/usr/bin/env bash")
+    for host in record["hosts"]:  # written over SFTP (loopback hosts see the same path), owner only
+        script = Path(host["script"])
+        assert script.read_text().startswith("#!/usr/bin/env bash")
+        modes = [stat.S_IMODE(p.stat().st_mode) for p in (script, script.parent, script.parent.parent)]
+        assert modes == [0o700, 0o700, 0o700], [oct(m) for m in modes]
     deadline = time.time() + 10
     logs = None
     while time.time() < deadline:
