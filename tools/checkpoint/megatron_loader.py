@@ -89,6 +89,8 @@ def single_process_args(args: argparse.Namespace) -> argparse.Namespace:
     local.virtual_pipeline_model_parallel_size = None
     local.num_layers_per_virtual_pipeline_stage = None
     local.context_parallel_size = 1
+    local.expert_model_parallel_size = 1
+    local.expert_tensor_parallel_size = 1
     local.sequence_parallel = False
     local.device = "cpu"
     local.distributed_backend = "gloo"
