@@ -6,6 +6,7 @@ clear line in the job's log when no check ran before launch."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,12 +17,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_py
+from tests.helpers.requires import requirement
 from tests.integration.test_convert import tiny_hf_model
 from tests.integration.test_serve_vllm import hf_greedy, quiet_env
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow,
-              pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is None,
-                                 reason="vLLM is not installed (bash install/install-requirements.sh --env inference)")]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+_vllm = requirement(importlib.util.find_spec("vllm") is not None,
+                    "vLLM is not installed (bash install/install-requirements.sh --env inference)")
 
 CONF = ("--config-path", str(REPO / "examples/tiny_gpt/conf"), "--config-name", "inference")
 

@@ -23,6 +23,7 @@ import pytest
 
 from tests.conftest import REPO, group_members, pids_alive
 from tests.helpers.netns import NetnsHosts, netns_unavailable
+from tests.helpers.requires import need
 from tests.helpers.sshd import SSHCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -54,8 +55,7 @@ _REASON = netns_unavailable()
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory: pytest.TempPathFactory):
-    if _REASON:
-        pytest.skip(f"network namespaces cannot be created here: {_REASON}")
+    need(_REASON is None, f"network namespaces cannot be created here: {_REASON}")
     ssh = SSHCluster(tmp_path_factory.mktemp("netns_ssh"))
     netns = NetnsHosts(ssh)
     try:

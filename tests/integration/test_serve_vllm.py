@@ -7,6 +7,7 @@ argument vLLM does not know fails the ready-wait with vLLM's own message from th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -18,11 +19,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, group_members, pids_alive, run_py
+from tests.helpers.requires import requirement
 from tests.integration.test_convert import tiny_hf_model
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow,
-              pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is None,
-                                 reason="vLLM is not installed (bash install/install-requirements.sh --env inference)")]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+_vllm = requirement(importlib.util.find_spec("vllm") is not None,
+                    "vLLM is not installed (bash install/install-requirements.sh --env inference)")
 
 SERVE_CONF = ("--config-path", str(REPO / "examples/tiny_gpt/conf"), "--config-name", "serve")
 PROMPT = "Once upon a time, there was a little"

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY_CONF, group_members, run_py, tiny_overrides
+from tests.helpers.requires import requirement
 from tests.helpers.sshd import SSHCluster, sshd_available
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not sshd_available(), reason="needs root and openssh-server (apt-get install openssh-server)"),
-]
+pytestmark = pytest.mark.integration
+_sshd = requirement(sshd_available(), "needs root and openssh-server (apt-get install openssh-server)")
 
 SMALL = {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 176, "num_attention_heads": 2, "seq_length": 64,
          "max_position_embeddings": 64, "global_batch_size": 8, "train_iters": 30, "eval_interval": 15}

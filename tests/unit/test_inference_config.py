@@ -20,9 +20,10 @@ from flagscale.runner.actions import prepare
 from flagscale.runner.plan import Plan
 from tests.conftest import REPO, run_py
 from tests.helpers.jobs import dryrun_scripts
+from tests.helpers.requires import needs
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed")
+needs_vllm = needs(HAS_VLLM, "vLLM is not installed (bash install/install-requirements.sh --env inference)")
 EXAMPLE = ("--config-path", "examples/tiny_gpt/conf", "--config-name", "inference")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -51,17 +53,42 @@ def test_invalid_settings(tmp_path: Path, overrides: list[str], message: str) ->
     assert not (tmp_path / "job.json").exists()
 
 
-def test_dryrun_writes_script_with_literal_values(tmp_path: Path) -> None:
-    evil = "$(touch /tmp/flagscale_pwned) a'b `id`"
+def _as_bash_reads(line: str, cwd: Path, env_name: str | None = None) -> list[str]:
+    """The words bash makes of a rendered script line (an `export` line: the variable's value), without
+    running the command: `set --` takes the words as they would reach the program's argv."""
+    if env_name is not None:
+        probe = f'{line}; printf "%s\\0" "${env_name}"'
+    else:
+        probe = f'set -- {line}; printf "%s\\0" "$@"'
+    done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30, check=True, cwd=cwd)
+    return done.stdout.split("\0")[:-1]
+
+
+def test_dryrun_passes_values_literally(tmp_path: Path) -> None:
+    """A value full of shell syntax reaches the environment and the argv exactly as written: quoted in the
+    rendered script, and read back by bash as the same single word."""
+    evil = "$(touch pwned) a'b `id` \"q\" ;&|<>*"
     proc = run_py(*TINY, "action=dryrun", f"experiment.exp_dir={tmp_path}", "train.model.num_layers=2",
-                  f'+experiment.envs.EVIL="{evil}"')
+                  f"+experiment.envs.EVIL='{_hydra_escape(evil)}'",
+                  f"+train.system.wandb_exp_name='{_hydra_escape(evil)}'")
     assert proc.returncode == 0, proc.stderr
     assert "torchrun --nnodes 1 --nproc-per-node 2" in proc.stdout
-    script = (dryrun_scripts(tmp_path) / "localhost.sh").read_text()
-    assert "--num-layers 2" in script
-    assert "export EVIL='$(touch /tmp/flagscale_pwned) a'\"'\"'b `id`'" in script
-    assert not (tmp_path / "job.json").exists()
-    assert not Path("/tmp/flagscale_pwned").exists()
+    lines = (dryrun_scripts(tmp_path) / "localhost.sh").read_text().splitlines()
+    export = next(line for line in lines if line.startswith("export EVIL="))
+    assert export == f"export EVIL={shlex.quote(evil)}"
+    assert _as_bash_reads(export, tmp_path, "EVIL") == [evil]
+    command = next(line for line in lines if "--num-layers 2" in line)
+    assert f"--wandb-exp-name {shlex.quote(evil)}" in command
+    argv = _as_bash_reads(command, tmp_path)
+    assert argv[argv.index("--wandb-exp-name") + 1] == evil
+    printed = shlex.split(proc.stdout.split("command: ", 1)[1].splitlines()[0])
+    assert printed == argv  # the command dryrun prints is the argv the host runs
+    assert not (tmp_path / "job.json").exists() and not (tmp_path / "pwned").exists()
+
+
+def _hydra_escape(value: str) -> str:
+    """Quote a value for Hydra's override grammar (single-quoted, backslash escapes)."""
+    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def test_aquila_composes_and_dryruns(tmp_path: Path) -> None:
