@@ -261,7 +261,7 @@ def _missing_data(args: argparse.Namespace, ctx: PlanContext) -> list[str]:
                 f"{ctx.job.source.locate('train.data.data_path')}); create it with tools/datasets/preprocess_data.py"
             )
     leaves = train_arguments(ctx).leaves
-    for name in ("tokenizer_model", "vocab_file", "merge_file", "special_tokens_file"):
+    for name in ("tokenizer_model", "tokenizer_path", "vocab_file", "merge_file", "special_tokens_file"):
         path, value = leaves.get(name, ("", None))
         if value and not Path(str(value)).expanduser().exists():
             problems.append(f"{path} {value} does not exist (in {ctx.job.source.locate(path)})")
