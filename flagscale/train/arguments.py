@@ -58,7 +58,7 @@ def _model(p: argparse._ArgumentGroup) -> None:
     p.add_argument(
         "--apply-layernorm-1p",
         action="store_true",
-        help="Zero-centred LayerNorm gamma (TransformerEngine only; validated).",
+        help="Zero-centred LayerNorm gamma (needs Apex's fused LayerNorm; refused at start without it).",
     )
     p.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (gated SiLU).")
     p.add_argument("--untie-embeddings-and-output-weights", action="store_true")

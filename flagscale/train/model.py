@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models import backends
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
@@ -32,6 +33,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from flagscale.exceptions import ConfigError
@@ -133,6 +135,13 @@ def _note_unused_options(args: argparse.Namespace) -> None:
         print("note: use_flash_attn is not applied: this program builds Megatron-Core's local layer spec", flush=True)
 
 
+def _check_norm(args: argparse.Namespace) -> None:
+    """Zero-centred gamma exists in Apex's fused LayerNorm only among the local spec's norms."""
+    if args.apply_layernorm_1p and (args.normalization == "RMSNorm" or backends.LNImpl is WrappedTorchNorm):
+        raise ConfigError(f"apply_layernorm_1p needs Apex's fused LayerNorm (not installed, or normalization "
+                          f"{args.normalization}): the local layers' torch norm has no zero-centred gamma; unset it")
+
+
 def layer_spec(
     args: argparse.Namespace, config: TransformerConfig, vp_stage: int | None
 ) -> ModuleSpec | TransformerBlockSubmodules:
@@ -187,6 +196,7 @@ def mtp_spec(
 def build_chunks(args: argparse.Namespace, config: TransformerConfig, vocab_size: int) -> list[GPTModel]:
     """One GPTModel per virtual pipeline chunk this rank holds (one without interleaving)."""
     _note_unused_options(args)
+    _check_norm(args)
     chunks = args.virtual_pipeline_model_parallel_size or 1
     return [_build_chunk(args, config, vocab_size, stage) for stage in ([None] if chunks == 1 else range(chunks))]
 

@@ -177,9 +177,10 @@ def build_trainer(args: argparse.Namespace, runtime: Runtime) -> tuple[Trainer, 
     vocab = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
     config = transformer_config(args, runtime)
     chunks = build_chunks(args, config, vocab)
+    experts = f" ep={args.expert_model_parallel_size} ({args.num_experts} experts)" if args.num_experts else ""
     print_rank0(
         f"> GPT on {runtime.device.type}: tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size}"
-        f" dp={args.data_parallel_size}, vocab {vocab} (tokenizer {tokenizer.vocab_size}),"
+        f" dp={args.data_parallel_size}{experts}, vocab {vocab} (tokenizer {tokenizer.vocab_size}),"
         f" {count_parameters(chunks):,} parameters on rank 0"
     )
     model = wrap(args, config, chunks, runtime)
