@@ -160,6 +160,7 @@ class SSHTransport(Transport):
             err = stderr.read().decode(errors="replace")
             code = stdout.channel.recv_exit_status()
         except (TimeoutError, paramiko.SSHException, OSError) as exc:
+            self.close()  # the next command connects afresh (the host may be back by then)
             raise LaunchError(f"{self._where()}: connection lost ({exc or type(exc).__name__})") from None
         return CommandResult(code, out, err)
 

@@ -21,10 +21,13 @@ from flagscale.launcher.private import SCRIPT_MODE, private_dirs, write_private
 from flagscale.launcher.transport import SSHSettings
 from flagscale.record import JobRecord, JobState, load_record, record_path
 from flagscale.runner.base import PlanContext, TaskRunner, runner_for
-from flagscale.runner.metrics import MetricsSummary, describe, follow_progress, read_metrics
+from flagscale.runner.metrics import HostsUnreachable, MetricsSummary, describe, follow_progress, read_metrics
 from flagscale.runner.plan import Plan, ReadyCheck, render_script
 
 console = Console(highlight=False, soft_wrap=True)
+FOLLOW_INTERVAL_S = 2.0
+UNREACHABLE_GIVE_UP_S = 120.0
+"""`test` and `status --watch` end once a host has not answered for this long (instead of polling for ever)."""
 
 
 def dispatch(job: JobConfig) -> int:
@@ -189,6 +192,11 @@ def test(job: JobConfig) -> int:
             launcher.stop(record, record.settings["stop_timeout"])
             record.save()
             return 130
+        except HostsUnreachable as lost:
+            launcher.stop(record, record.settings["stop_timeout"])
+            record.save()
+            _explain_unreachable(f"python run.py {_config_args(job)} action=stop", lost, stopped_others=True)
+            return 1
         statuses = launcher.status(record)
         summary = _metrics(launcher, record)
         launcher.collect_logs(record)
@@ -196,13 +204,36 @@ def test(job: JobConfig) -> int:
 
 
 def _follow(launcher: Launcher, record: JobRecord) -> JobState:
-    """Live progress until the job ends; returns its final state."""
-    return follow_progress(console, lambda: _metrics(launcher, record), lambda: launcher.job_state(record))
+    """Live progress until the job ends; returns its final state (HostsUnreachable if a host stays silent)."""
+
+    def poll() -> tuple[JobState, list[str]]:
+        statuses = launcher.status(record)
+        problems = [_named(s.host.name, s.error) for s in statuses if s.error]
+        return job_state(statuses, record.stop_requested_at is not None), problems
+
+    return follow_progress(console, lambda: _metrics(launcher, record), poll, interval=FOLLOW_INTERVAL_S,
+                           give_up_s=UNREACHABLE_GIVE_UP_S)
+
+
+def _named(host: str, error: str) -> str:
+    return error if error.startswith(f"host {host}") else f"host {host}: {error}"
+
+
+def _explain_unreachable(retry: str, lost: HostsUnreachable, stopped_others: bool) -> None:
+    """One line per silent host: which, why, and what to run (`retry`) once it answers again."""
+    done = "; stopped the job on the hosts that answer" if stopped_others else ""
+    for problem in lost.problems:
+        console.print(f"{problem} (unreachable for {lost.seconds:.0f}s{done}); once it answers, end its part of "
+                      f"the job: {retry}", markup=False)
 
 
 def _metrics(launcher: Launcher, record: JobRecord) -> MetricsSummary | None:
+    """The job's metrics so far; None if there are none yet or the host that holds them does not answer."""
     path = record.info.get("metrics_file")
-    return read_metrics(launcher.read_text(record, path)) if path else None
+    try:
+        return read_metrics(launcher.read_text(record, path)) if path else None
+    except FlagScaleError:
+        return None
 
 
 def _finish(record: JobRecord, state: JobState, statuses: list, summary: MetricsSummary | None) -> int:
@@ -283,6 +314,9 @@ def watch_job(exp_dir: str | Path) -> int:
             state = _follow(launcher, record)
         except KeyboardInterrupt:
             return 0
+        except HostsUnreachable as lost:
+            _explain_unreachable(f"flagscale stop {shlex.quote(str(record.exp_dir))}", lost, stopped_others=False)
+            return 1
         summary = _metrics(launcher, record)
     console.print(f"job {record.run_id}: {state.value}; {describe(summary)}")
     return 0 if state is JobState.COMPLETED else 1

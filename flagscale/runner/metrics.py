@@ -1,4 +1,5 @@
-"""Reading the training program's metrics file (metrics.jsonl) and showing live progress."""
+"""Reading the training program's metrics file (metrics.jsonl) and showing live progress until the job
+ends, or until a host has not answered for too long (HostsUnreachable: following never loops for ever)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from flagscale.exceptions import LaunchError
 from flagscale.record import JobState
+
+
+class HostsUnreachable(LaunchError):
+    """Some hosts did not answer for `seconds`; `problems` has one line per host (its name and last error)."""
+
+    def __init__(self, problems: list[str], seconds: float) -> None:
+        self.problems, self.seconds = problems, seconds
+        super().__init__(f"{len(problems)} host(s) did not answer for {seconds:.0f}s: " + "; ".join(problems))
 
 
 @dataclass(slots=True)
@@ -68,14 +78,20 @@ def describe(summary: MetricsSummary | None) -> str:
     return ", ".join(parts)
 
 
-def follow_progress(console: Console, read: Callable[[], MetricsSummary | None], poll: Callable[[], JobState],
-                    interval: float = 2.0) -> JobState:
-    """Show progress from the metrics (`read`) until `poll` reports a terminal state."""
+def follow_progress(console: Console, read: Callable[[], MetricsSummary | None],
+                    poll: Callable[[], tuple[JobState, list[str]]], interval: float = 2.0,
+                    give_up_s: float = 120.0) -> JobState:
+    """Show progress from the metrics (`read`) until `poll` reports a terminal state. `poll` also names the hosts
+    it could not reach; if some stay unreachable for `give_up_s`, raise HostsUnreachable."""
     seen = 0
+    unreachable_since: float | None = None
     with _progress(console) as progress:
         task: TaskID | None = None
         while True:
-            state = poll()
+            state, problems = poll()
+            unreachable_since = (unreachable_since or time.monotonic()) if problems else None
+            if unreachable_since is not None and time.monotonic() - unreachable_since >= give_up_s:
+                raise HostsUnreachable(problems, give_up_s)
             summary = read()
             if summary is not None:
                 if task is None and summary.train_iters:

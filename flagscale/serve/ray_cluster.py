@@ -2,14 +2,19 @@
 
 Every node is `ray start --block`, so the Ray processes stay in the job's recorded process tree
 and `stop` ends them like any other process (never `ray stop`, which kills every Ray process on
-a machine by name). Workers wait for the head's port before they join; the engine process on the
-head waits for all nodes before it starts (flagscale/serve/ray_node.py does both).
+a machine by name). Every node names its own address (`--node-ip-address`, and VLLM_HOST_IP for
+the engine's workers): left to itself Ray guesses one from the default route, which may be another
+interface or none. The head's ports are the config's where it gives them (master_port/ray_port,
+ray_dashboard_port; no dashboard otherwise). Workers wait for the head's port before they join; the
+engine process on the head waits for all nodes before it starts (flagscale/serve/ray_node.py does both).
 """
 
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass
+from functools import lru_cache
 
 from flagscale.config.hostfile import Host
 from flagscale.serve.deployment import Resources
@@ -50,8 +55,7 @@ class RayCluster:
             start += dashboard if self.dashboard_port else ["--include-dashboard", "false"]
         else:
             start += ["--address", self.address]
-        if is_ip(host.name):
-            start += ["--node-ip-address", host.name]
+        start += ["--node-ip-address", node_address(host.name)]
         start += self._resource_args(host)
         if host == self.head:
             return start
@@ -66,8 +70,9 @@ class RayCluster:
     def node_env(self, host: Host) -> dict[str, str]:
         """What each node's processes (and so the engine's Ray workers) inherit."""
         env = {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-        if is_ip(host.name):
-            env["VLLM_HOST_IP"] = host.name
+        address = node_address(host.name)
+        if is_ip(address):
+            env["VLLM_HOST_IP"] = address
         return env
 
     def _resource_args(self, host: Host) -> list[str]:
@@ -81,3 +86,17 @@ class RayCluster:
         if res.custom:
             args += ["--resources", json.dumps(res.custom, sort_keys=True)]
         return args
+
+
+@lru_cache(maxsize=256)
+def node_address(name: str) -> str:
+    """A node's address as the hostfile names it: an IP as it is, a name resolved on this machine (the one
+    that reaches the hosts) to its IPv4 address, or the name itself if it does not resolve here (as in a
+    dryrun of an example's node1)."""
+    if is_ip(name):
+        return name
+    try:
+        infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        return name
+    return str(infos[0][4][0]) if infos else name

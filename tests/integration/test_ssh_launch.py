@@ -209,3 +209,33 @@ def test_nproc_capped_by_the_hosts_own_visible_devices(cluster: SSHCluster, tiny
     finally:
         actions.stop_job(tmp_path)
         gpu_host.stop()
+
+
+@pytest.mark.timeout(120)
+def test_test_action_ends_when_a_host_stays_unreachable(cluster: SSHCluster, tiny_data: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """action=test follows the job; a host that stops answering ends it with one line naming the host, the
+    other hosts stopped, instead of polling for ever."""
+    from flagscale.runner import actions
+
+    lost = cluster.start("127.0.0.7")
+    monkeypatch.setenv("HOME", str(cluster.home))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setattr(actions, "FOLLOW_INTERVAL_S", 0.5, raising=False)
+    monkeypatch.setattr(actions, "UNREACHABLE_GIVE_UP_S", 3.0, raising=False)
+    monkeypatch.setattr(actions, "remember_last_job", lambda exp_dir: lost.stop())  # once the job has started
+    hostfile = cluster.hostfile(tmp_path / "hostfile.txt", servers=[cluster.servers[0], lost])
+    job = tiny_job(*tiny_overrides(tiny_data, tmp_path), *sleeper_overrides(tmp_path),
+                   f"+experiment.runner.hostfile={hostfile}", "+experiment.runner.ssh_connect_timeout=2", action="test")
+    try:
+        assert actions.test(job) != 0
+        out = capsys.readouterr().out.replace("\n", " ")
+        assert "host 127.0.0.7" in out and "unreachable" in out and "action=stop" in out, out
+        record = _record(tmp_path)
+        reachable = next(h for h in record["hosts"] if h["host"]["name"] == "127.0.0.2")
+        assert reachable["stopped_at"] is not None and not group_members([reachable["pgid"]])
+    finally:
+        cluster.start("127.0.0.7", lost.port)  # the host is back: its part of the job is stopped too
+        actions.stop_job(tmp_path)
+    assert not pids_alive([s["pid"] for s in _sleepers(tmp_path, 2)])

@@ -171,7 +171,8 @@ def test_gpu_examples_compose_and_dryrun(tmp_path: Path) -> None:
     assert sorted(p.name for p in scripts.iterdir()) == ["node1-deepseek-r1.sh", "node1-ray.sh", "node2-ray.sh"]
     head, worker = (scripts / "node1-ray.sh").read_text(), (scripts / "node2-ray.sh").read_text()
     assert "ray.scripts.scripts start --block --disable-usage-stats --head --port 6379" in head
-    assert "ray_node join --address node1:6379" in worker and "--address node1:6379 --num-gpus 8" in worker
+    assert "ray_node join --address node1:6379" in worker
+    assert "--address node1:6379 --node-ip-address node2 --num-gpus 8" in worker
     server = (scripts / "node1-deepseek-r1.sh").read_text()
     assert "ray_node wait --address node1:6379 --nodes 2" in server
     assert "--tensor-parallel-size 8 --pipeline-parallel-size 2" in server
@@ -221,3 +222,29 @@ def test_ray_node_steps_need_a_command_and_an_address() -> None:
     with pytest.raises(SystemExit) as exited:  # nothing answers there: one line, status 1, after the timeout
         ray_node.main(["join", "--address", "127.0.0.1:1", "--timeout", "0", "--", "true"])
     assert exited.value.code == 1
+
+
+def test_ray_nodes_bind_their_own_address() -> None:
+    """Every node passes --node-ip-address: an IP as written, a name resolved here (kept as written if it does
+    not resolve); vLLM on that node is told the same address."""
+    named = Host(name="localhost", slots=8, type="H100", port=2201)
+    unknown = Host(name="node-x.invalid", slots=8, type="H100", port=2202)
+    cluster = RayCluster(hosts=(named, unknown), port=6400, python="py", resources=Resources(), dashboard_port=8265)
+    head, worker = cluster.node_argv(named), cluster.node_argv(unknown)
+    assert head[head.index("--node-ip-address") + 1] == "127.0.0.1"
+    assert head[head.index("--port") + 1] == "6400" and head[head.index("--dashboard-port") + 1] == "8265"
+    start = worker[worker.index("--") + 1:]
+    assert start[start.index("--node-ip-address") + 1] == "node-x.invalid"
+    assert cluster.node_env(named)["VLLM_HOST_IP"] == "127.0.0.1" and "VLLM_HOST_IP" not in cluster.node_env(unknown)
+
+
+def test_serve_examples_do_not_listen_on_every_interface() -> None:
+    """engine_args.host: 0.0.0.0 only with a comment on that line saying why the example needs it."""
+    unexplained = []
+    for path in sorted(REPO.glob("examples/*/conf/serve/*.yaml")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            value, _, comment = line.partition("#")
+            if value.strip().replace(" ", "") in ("host:0.0.0.0", "host:'0.0.0.0'", 'host:"0.0.0.0"', "host:'::'") \
+                    and not comment.strip():
+                unexplained.append(f"{path.relative_to(REPO)}:{number}")
+    assert not unexplained, unexplained
