@@ -87,6 +87,7 @@ def _model(p: argparse._ArgumentGroup) -> None:
     _rope_scaling(p)
     _moe(p)
     _moe_router(p)
+    _moe_capacity(p)
     _mla(p)
     _mtp(p)
 
@@ -132,6 +133,17 @@ def _moe_router(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--moe-router-group-topk", type=int, help="Groups each token may use.")
     p.add_argument("--moe-router-topk-scaling-factor", type=float, help="Scale of the top-k routing weights.")
     p.add_argument("--moe-router-dtype", choices=("fp32", "fp64"), help="Router computation precision.")
+
+
+def _moe_capacity(p: argparse._ArgumentGroup) -> None:
+    p.add_argument(
+        "--moe-expert-capacity-factor", type=float, help="Tokens an expert takes, × its fair share (unset: no drop)."
+    )
+    p.add_argument("--moe-pad-expert-input-to-capacity", action="store_true", help="Pad each expert to capacity.")
+    p.add_argument(
+        "--moe-token-drop-policy", choices=("probs", "position"), default="probs",
+        help="Over capacity, drop the lowest-probability tokens or the last ones.",
+    )
 
 
 def _mla(p: argparse._ArgumentGroup) -> None:

@@ -150,5 +150,6 @@ def test_mtp_needs_rope() -> None:
 def test_moe_arguments_are_implemented_and_flex_dispatcher_is_not() -> None:
     keys = arguments.implemented_keys()
     assert {"num_experts", "moe_router_topk", "expert_model_parallel_size", "multi_latent_attention",
-            "mtp_num_layers", "decoder_first_pipeline_num_layers", "use_rope_scaling"} <= keys  # fmt: skip
+            "mtp_num_layers", "decoder_first_pipeline_num_layers", "use_rope_scaling",
+            "moe_expert_capacity_factor", "moe_token_drop_policy"} <= keys  # fmt: skip
     assert arguments.implemented_choices("moe_token_dispatcher_type") == ("allgather", "alltoall")
