@@ -50,14 +50,15 @@ class PlanContext:
         return layered_env(self.job.experiment.envs, host.type, host.name)
 
     def nproc(self, host: Host) -> int:
-        """Processes on a host: runner setting (per type if given), capped by slots and visible devices."""
+        """Processes on a host: runner setting (per type if given), else the host's slots, else (as upstream) its
+        visible devices, else 1; capped by slots and visible devices."""
         runner = self.job.experiment.runner
         per_type = runner.device_type_specific.get(host.type or "", {}) if host.type else {}
-        wanted = int(per_type.get("nproc_per_node") or runner.nproc_per_node or host.slots or 1)
+        visible = self.visible_devices(host)
+        wanted = int(per_type.get("nproc_per_node") or runner.nproc_per_node or host.slots or visible or 1)
         caps = [wanted]
         if host.slots:
             caps.append(host.slots)
-        visible = self.visible_devices(host)
         if visible is not None:
             caps.append(visible)
         return min(caps)

@@ -150,13 +150,13 @@ def test_leaf_set_twice_last_wins_with_both_places_and_dashes(tmp_path: Path) ->
 def test_not_implemented_megatron_argument_is_refused_in_one_line(tmp_path: Path) -> None:
     conf = _conf(tmp_path, EXPERIMENT.format(exp_dir=tmp_path / "exp"))
     with pytest.raises(ConfigError) as err:
-        _prepare(conf, "+train.model.num_experts=8", "+train.model.moe_router_topk=4")
+        _prepare(conf, "+train.model.fp8_format=hybrid", "+train.system.use_dualpipev=true")
     text = str(err.value)
-    assert "train.model.num_experts=8: Megatron-LM argument 'num_experts' is not implemented" in text
-    assert "command-line override '+train.model.num_experts=8'" in text and "also not implemented yet:" in text
-    assert "\n" not in text
+    assert "train.system.use_dualpipev=True: Megatron-LM argument 'use_dualpipev' is not implemented" in text
+    assert "command-line override '+train.system.use_dualpipev=true'" in text
+    assert "also not implemented yet: fp8_format" in text and "\n" not in text
     # a value Megatron-LM would use anyway is not a different model: accepted
-    _prepare(conf, "+train.model.num_experts=null", "+train.model.moe_router_topk=2", "+train.model.finetune=false")
+    _prepare(conf, "+train.model.fp8_format=null", "+train.system.use_dualpipev=false")
 
 
 def test_cuda_only_and_inert_options_are_listed_in_notes(tmp_path: Path) -> None:
