@@ -39,7 +39,7 @@ class SpaceConfig:
     expert_model_parallel_size: list[Any] | str | None = None
     """Expert parallel sizes; only for models with experts (num_experts)."""
     sequence_parallel: list[Any] | str | None = None
-    """Sequence parallelism on/off (needs CUDA; with tp 1 Megatron switches it off, so it is tried as off)."""
+    """Sequence parallelism on/off (with tp 1 Megatron switches it off, so it is tried as off)."""
     num_layers_per_virtual_pipeline_stage: list[Any] | str | None = None
     """Layers per virtual pipeline stage (interleaved 1F1B; only with pp > 1); null = no interleaving."""
     micro_batch_size: list[Any] | str | None = AUTO

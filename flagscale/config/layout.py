@@ -9,8 +9,9 @@ rules read), each as a short message naming the Megatron-LM argument names and v
 
 The rules are Megatron-LM's (core_v0.16.1: `validate_args`, `initialize_model_parallel`,
 `TransformerConfig.__post_init__`, the tensor-parallel linear layers and the interleaved 1F1B
-schedule) as this project's training program runs them, plus two of its own: sequence parallelism
-needs CUDA, and context parallelism needs TransformerEngine attention (the local layer spec is used).
+schedule) as this project's training program runs them, plus one of its own: context parallelism
+needs TransformerEngine attention (the local layer spec is used). Sequence parallelism runs on CUDA and
+on the CPU alike (the training program's CPU shims let the local spec's torch norm take it).
 Where Megatron-LM only warns (sequence_parallel with tensor_model_parallel_size 1 is switched off)
 the layout is valid. Two rules follow what this program runs rather than the letter of Megatron-LM:
 interleaving needs pipeline_model_parallel_size > 1, not > 2 (Megatron-LM's > 2 guards batched p2p
@@ -25,14 +26,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-SEQUENCE_PARALLEL_ON_CPU = (
-    "sequence_parallel needs CUDA (Apex/TransformerEngine LayerNorm); set sequence_parallel: false"
-)
 CONTEXT_PARALLEL_NEEDS_TE = (
     "context_parallel_size > 1 needs TransformerEngine attention (not used here); set it to 1"
 )
 DEVICES = ("auto", "cpu", "cuda")
-"""`device` of `problems`: auto (CUDA when present), cpu or cuda."""
+"""`device` of `problems`: auto (CUDA when present), cpu or cuda. No rule depends on it today (sequence
+parallelism, the last one that did, trains on the CPU too); callers pass what they know."""
 
 
 def _known(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,7 +131,7 @@ def problems(layout: Layout, model: ModelShape, world_size: int | None = None, d
     found = _world_problems(layout, world_size)
     found += _expert_problems(layout, model, world)
     found += _tensor_problems(layout, model)
-    found += _sequence_problems(layout, model, device)
+    found += _sequence_problems(layout, model)
     found += _context_problems(layout, model)
     stages = _pipeline_problems(layout, model) or _virtual_problems(layout, model)
     found += stages
@@ -194,16 +193,13 @@ def _tensor_problems(layout: Layout, model: ModelShape) -> list[str]:
             for name, value in values.items() if value is not None and value % tp]
 
 
-def _sequence_problems(layout: Layout, model: ModelShape, device: str) -> list[str]:
-    """Sequence parallelism needs CUDA here, and splits each context-parallel sequence chunk over tp ranks."""
-    if not layout.sequence_parallel:
-        return []
-    found = [SEQUENCE_PARALLEL_ON_CPU] if device == "cpu" else []
+def _sequence_problems(layout: Layout, model: ModelShape) -> list[str]:
+    """Sequence parallelism splits each context-parallel sequence chunk over tp ranks (off with tp 1)."""
     tp, cp, seq = layout.tensor_model_parallel_size, layout.context_parallel_size, model.seq_length
-    if tp > 1 and seq is not None and seq % (tp * cp):
-        found.append(f"sequence_parallel needs seq_length ({seq}) divisible by tensor_model_parallel_size ({tp})"
-                     + (f" × context_parallel_size ({cp})" if cp > 1 else ""))
-    return found
+    if not layout.sequence_parallel or tp == 1 or seq is None or seq % (tp * cp) == 0:
+        return []
+    return [f"sequence_parallel needs seq_length ({seq}) divisible by tensor_model_parallel_size ({tp})"
+            + (f" × context_parallel_size ({cp})" if cp > 1 else "")]
 
 
 def _context_problems(layout: Layout, model: ModelShape) -> list[str]:

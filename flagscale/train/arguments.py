@@ -226,7 +226,9 @@ def _parallel(p: argparse._ArgumentGroup) -> None:
     )
     p.add_argument("--decoder-first-pipeline-num-layers", type=int, help="Layers on the first pipeline stage.")
     p.add_argument("--decoder-last-pipeline-num-layers", type=int, help="Layers on the last pipeline stage.")
-    p.add_argument("--sequence-parallel", action="store_true", help="Needs CUDA (Apex/TransformerEngine LayerNorm).")
+    p.add_argument(
+        "--sequence-parallel", action="store_true", help="Split norm/dropout activations by sequence over tp ranks."
+    )
     p.add_argument(
         "--use-distributed-optimizer", action="store_true", help="Shard optimizer state over data parallel ranks."
     )
@@ -588,9 +590,6 @@ def model_shape_of(args: argparse.Namespace) -> parallel_layout.ModelShape:
     if args.ffn_hidden_size is None and args.hidden_size is not None:
         values["ffn_hidden_size"] = _default_ffn(args)
     return parallel_layout.ModelShape.from_values(values)
-
-
-SEQUENCE_PARALLEL_ON_CPU = parallel_layout.SEQUENCE_PARALLEL_ON_CPU
 
 
 def _precision_problems(args: argparse.Namespace) -> list[str]:

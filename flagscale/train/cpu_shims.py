@@ -162,6 +162,34 @@ def _host_tensor(tensor: Any, as_numpy: bool = False, record_stream: bool = Fals
     return tensor
 
 
+def _install_sequence_parallel_norm() -> None:
+    """torch_norm.py: the local spec's norm (WrappedTorchNorm, torch's LayerNorm/RMSNorm) asserts
+    `not config.sequence_parallel`, a guard for what Apex's and TransformerEngine's norms do and torch's
+    does not: mark the weights `sequence_parallel`. Under sequence parallelism each tensor-parallel rank
+    normalizes its own slice of the sequence, so a norm weight's gradient is partial on every rank;
+    finalize_model_grads (`_allreduce_non_tensor_model_parallel_grads`) sums the gradients of parameters
+    so marked over the tensor-parallel group. This builds the norm with the guard passed and marks its
+    parameters, which makes tp > 1 with sequence parallelism train exactly as without it.
+    """
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    build = WrappedTorchNorm.__new__
+
+    def sequence_parallel_norm(cls: type, config: Any, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        sequence_parallel = config.sequence_parallel
+        config.sequence_parallel = False  # only for the assertion; the config is restored at once
+        try:
+            norm = build(cls, config, *args, **kwargs)
+        finally:
+            config.sequence_parallel = sequence_parallel
+        if sequence_parallel:
+            for param in norm.parameters():
+                param.sequence_parallel = True
+        return norm
+
+    WrappedTorchNorm.__new__ = staticmethod(sequence_parallel_norm)
+
+
 def without_transformer_engine() -> None:
     """Megatron-Core sites that break without TransformerEngine, on a CPU or a GPU.
 
@@ -215,5 +243,6 @@ def install() -> None:
     torch.cuda.synchronize = lambda device=None: None
     _install_rng()
     _install_streams()
+    _install_sequence_parallel_norm()
     CudaToCpuMode().__enter__()  # entered for the life of the process (never exited)
     _installed = True

@@ -20,7 +20,6 @@ from megatron.core import tensor_parallel
 
 from flagscale.exceptions import ConfigError
 from flagscale.train import arguments, cpu_shims
-from flagscale.train.arguments import SEQUENCE_PARALLEL_ON_CPU
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,8 +55,6 @@ def select_device(args: argparse.Namespace) -> torch.device:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda was asked for but torch sees no GPU (torch.cuda.is_available() is False)")
     if args.device == "cpu" or not torch.cuda.is_available():
-        if args.sequence_parallel:
-            raise ConfigError(SEQUENCE_PARALLEL_ON_CPU)
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank)

@@ -86,9 +86,10 @@ def test_failing_job_exit_code_and_port_in_use(tiny_data: Path, tmp_path: Path) 
     assert proc.returncode != 0 and f"port {port} is in use" in proc.stderr
     assert not (tmp_path / "job.json").exists()
 
-    # sequence parallelism cannot run on CPU: the program fails, `test` returns its exit code
-    proc = run_py(*TINY_CONF, "action=test", *tiny_overrides(tiny_data, tmp_path, **SMALL),
-                  "train.system.tensor_model_parallel_size=2", "+train.system.sequence_parallel=true")
+    # a corrupt checkpoint to resume from: the program fails, `test` returns its exit code
+    (tmp_path / "checkpoints" / "iter_0000010").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("10\n")
+    proc = run_py(*TINY_CONF, "action=test", *tiny_overrides(tiny_data, tmp_path, **SMALL))
     assert proc.returncode not in (0, None)
     assert "FAILED" in proc.stdout
 

@@ -1,7 +1,8 @@
 """Mixture-of-experts, multi-latent attention and multi-token prediction trained for real: tiny
 DeepSeek-V3-, Mixtral- and Qwen3-like models under torchrun (2 CPU processes, gloo) on the tiny example
 data. Losses fall, the router and MTP losses reach metrics.jsonl, both token dispatchers give the same
-training, expert parallelism resumes exactly, the expert bias moves, and an uneven pipeline carries MTP."""
+training, expert parallelism resumes exactly, tensor + sequence parallelism trains as one process does,
+the expert bias moves, and an uneven pipeline carries MTP."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.test_train_program import data_args, events, torchrun, train_losses
+from tests.integration.test_train_program import data_args, events, single_process, torchrun, train_losses
 
 pytestmark = pytest.mark.integration
 
@@ -97,6 +98,25 @@ def test_mixtral_like_dispatchers_train_the_same(tiny_data: Path, tmp_path: Path
         assert 0.9 < moe_fields(metrics)[20]["moe_load_balancing_loss"] < 2.0
     assert losses["allgather"][20] < losses["allgather"][5] - 1.0, losses
     assert losses["alltoall"] == pytest.approx(losses["allgather"], rel=1e-5)
+
+
+def test_mixtral_like_tensor_and_sequence_parallel_trains_like_one_process(tiny_data: Path, tmp_path: Path) -> None:
+    """tp=2 + sequence parallelism (what Megatron-Core's MoE layer needs for tp > 1; on the CPU the torch
+    norms take it through cpu_shims) gives the single-process run's losses, gradient and router-loss values."""
+    common = [*MIXTRAL, *data_args(tiny_data), "--train-iters", "10", "--log-interval", "2"]
+    one = single_process(*common, "--metrics-dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    tp_sp = torchrun(*common, "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                     "--metrics-dir", str(tmp_path / "tp_sp"))  # fmt: skip
+    assert tp_sp.returncode == 0, tp_sp.stdout[-3000:]
+    expected, got = events(tmp_path / "one"), events(tmp_path / "tp_sp")
+    assert next(e for e in got if e["event"] == "start")["tp"] == 2
+    losses = train_losses(expected)
+    assert sorted(losses) == [2, 4, 6, 8, 10] and losses[10] < losses[2] - 0.5, losses
+    assert train_losses(got) == pytest.approx(losses, rel=1e-6)
+    for name in ("grad_norm", "moe_load_balancing_loss"):
+        values = {e["iteration"]: e[name] for e in expected if e["event"] == "train"}
+        assert {e["iteration"]: e[name] for e in got if e["event"] == "train"} == pytest.approx(values, rel=1e-5)
 
 
 def test_qwen3_like_gqa_qk_layernorm_moe(tiny_data: Path, tmp_path: Path) -> None:

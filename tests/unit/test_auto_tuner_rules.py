@@ -14,7 +14,6 @@ from flagscale.auto_tuner import rules
 from flagscale.auto_tuner.config import SpaceConfig
 from flagscale.auto_tuner.space import Candidate, canonical, generate
 from flagscale.auto_tuner.workload import Workload, program_problems
-from flagscale.config.layout import SEQUENCE_PARALLEL_ON_CPU
 from tests.conftest import REPO
 
 TINY = Workload(world_size=2, num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=2,
@@ -52,7 +51,6 @@ def work(**kw) -> Workload:
         (cand(dp=1, pp=2), work(num_layers=1), "num_layers (1) is not divisible"),
         (cand(dp=1, pp=2), work(num_layers=5, first_stage_layers=1, last_stage_layers=3),
          "leaves 1 layers for 0 middle stage(s)"),
-        (cand(dp=1, tp=2, sp=True), work(device="cpu"), SEQUENCE_PARALLEL_ON_CPU),
         (cand(dp=1, tp=2, sp=True), work(seq_length=63), "sequence_parallel needs seq_length (63) divisible"),
         (cand(dp=1, cp=2), work(seq_length=66), "seq_length (66) is not divisible by 2 × context_parallel_size"),
         (cand(dp=1, cp=2), TINY, "needs TransformerEngine attention"),
@@ -75,6 +73,7 @@ def test_invalid_candidates_are_rejected_with_a_reason(candidate: Candidate, wor
     [
         (cand(), TINY),
         (cand(dp=1, tp=2, sp=True), TINY),
+        (cand(dp=1, tp=2, sp=True), work(device="cpu")),  # the CPU shims let the torch norms take it
         (cand(sp=True), TINY),  # tp 1: Megatron switches sequence parallelism off, the layout stays valid
         (cand(dp=1, pp=2, vpp_layers=1, mbs=8), work(num_layers=4)),
         (cand(dp=1, pp=2, recompute="full", recompute_method="uniform", recompute_layers=1), TINY),

@@ -17,7 +17,6 @@ from flagscale.auto_tuner.space import Candidate
 from flagscale.auto_tuner.workload import Workload
 from flagscale.config.layout import (
     CONTEXT_PARALLEL_NEEDS_TE,
-    SEQUENCE_PARALLEL_ON_CPU,
     Layout,
     ModelShape,
     problems,
@@ -56,7 +55,6 @@ def found(world: int | None = 8, device: str = "auto", shape: ModelShape = MODEL
          "pipeline_model_parallel_size (4) = 16 does not divide the world size 8"),
         ({"expert_model_parallel_size": 2, "expert_tensor_parallel_size": 8, "shape": model(num_experts=8)},
          "expert_tensor_parallel_size (8)"),
-        ({"sequence_parallel": True, "device": "cpu"}, SEQUENCE_PARALLEL_ON_CPU),
         ({"sequence_parallel": True, "tensor_model_parallel_size": 4, "shape": model(seq_length=130)},
          "sequence_parallel needs seq_length (130) divisible by tensor_model_parallel_size (4)"),
         ({"context_parallel_size": 2}, CONTEXT_PARALLEL_NEEDS_TE),
@@ -106,6 +104,8 @@ def test_each_rule_names_keys_and_values(kwargs: dict, message: str) -> None:
         (8, {"tensor_model_parallel_size": 4, "sequence_parallel": True, "use_distributed_optimizer": True,
              "overlap_param_gather": True}),
         (8, {"sequence_parallel": True}),  # tp 1: Megatron-LM switches sequence parallelism off
+        (8, {"sequence_parallel": True, "tensor_model_parallel_size": 2, "device": "cpu"}),  # CPU shims: exact
+        (8, {"sequence_parallel": True, "device": "cpu", "shape": model(seq_length=130)}),  # tp 1: off, no rule
         (8, {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 2, "global_batch_size": 32}),
         (8, {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2, "micro_batch_size": 2,
              "global_batch_size": 16}),

@@ -101,9 +101,15 @@ def test_all_problems_reported_at_once() -> None:
     assert "fp16 and bf16" in text and "min_lr (1.0) is larger than lr" in text and "does not divide" in text
 
 
-def test_sequence_parallel_on_cpu_is_refused() -> None:
-    text = problems(2, "--sequence-parallel", "--tensor-model-parallel-size", "2", "--device", "cpu")
-    assert arguments.SEQUENCE_PARALLEL_ON_CPU in text
+def test_sequence_parallel_on_cpu_is_accepted() -> None:
+    args = parse("--sequence-parallel", "--tensor-model-parallel-size", "2", "--device", "cpu")
+    arguments.validate(args, 2)  # the CPU shims let the local spec's torch norm take it
+
+
+def test_sequence_parallel_still_needs_seq_length_divisible_by_tp() -> None:
+    text = problems(2, "--sequence-parallel", "--tensor-model-parallel-size", "2", "--device", "cpu",
+                    "--seq-length", "63", "--max-position-embeddings", "128")
+    assert "sequence_parallel needs seq_length (63) divisible by tensor_model_parallel_size (2)" in text
 
 
 def test_required_values_named() -> None:
