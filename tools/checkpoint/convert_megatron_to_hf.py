@@ -1,9 +1,11 @@
-"""Convert a Megatron-Core checkpoint written by FlagScale training into a Hugging Face Llama folder.
+"""Convert a Megatron-Core checkpoint written by FlagScale training into a Hugging Face Llama or Mixtral folder.
 
     python tools/checkpoint/convert_megatron_to_hf.py --load outputs/tiny_gpt/checkpoints --output outputs/tiny_gpt/hf
 
-Reads the latest iteration (or --iteration N) of a torch_dist checkpoint, whatever tensor/pipeline
-parallel sizes the training used, with the training program's own model builder; writes
+Reads the latest iteration (or --iteration N) of a torch_dist checkpoint, whatever tensor/pipeline/
+expert parallel sizes the training used, with the training program's own model builder. The
+architecture follows the saved training arguments: a dense model becomes LlamaForCausalLM, an MoE
+model (num_experts) MixtralForCausalLM, and what neither can represent is refused in one line. Writes
 config.json, generation_config.json, model.safetensors and the tokenizer files (copied from the
 training's --tokenizer-model folder, or --tokenizer-dir), loadable by transformers and vLLM.
 """
@@ -18,11 +20,12 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 if __package__ in (None, ""):  # run by path: make `tools` and `flagscale` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tools.checkpoint import llama_mapping, megatron_loader
+from tools.checkpoint import llama_mapping, mixtral_mapping
 from tools.checkpoint.errors import ConversionError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -41,6 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="Weights' dtype in the output (default: the training's parameter dtype).")
     return parser
+
+
+def mapping_for(training: argparse.Namespace) -> ModuleType:
+    """The mapping module of the Hugging Face architecture the training's model corresponds to."""
+    if getattr(training, "multi_latent_attention", False):
+        raise ConversionError("not supported: multi-latent attention (DeepSeek-V2/V3-like) checkpoints are not "
+                              "mapped to transformers' DeepseekV3ForCausalLM; this converter writes LlamaForCausalLM "
+                              "(dense) and MixtralForCausalLM (MoE)")
+    return mixtral_mapping if getattr(training, "num_experts", None) else llama_mapping
+
+
+def check(training: argparse.Namespace) -> None:
+    """Refuse, before the model is built, a training whose model has no Hugging Face equivalent here."""
+    mapping_for(training).check_compatible(training)
 
 
 def tokenizer_dir(args: argparse.Namespace, training: argparse.Namespace) -> Path:
@@ -86,27 +103,37 @@ def convert(args: argparse.Namespace) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    loaded = megatron_loader.load(args.load, args.iteration)
+    from tools.checkpoint import megatron_loader  # Megatron's import-time warnings come after main's filters
+
+    loaded = megatron_loader.load(args.load, args.iteration, check=check)
     try:
         training = loaded.args
-        llama_mapping.check_llama_compatible(training)
+        mapping = mapping_for(training)
         folder = tokenizer_dir(args, training)
         dtype = llama_mapping.dtype_name(training) if args.dtype == "auto" else args.dtype
-        tensors = llama_mapping.to_hf_state_dict(loaded.model.state_dict(), training)
+        tensors = mapping.to_hf_state_dict(loaded.model.state_dict(), training)
         tensors = {name: t.to(getattr(torch, dtype)) for name, t in tensors.items()}
         vocab = tensors["model.embed_tokens.weight"].shape[0]
     finally:
         megatron_loader.shutdown()
     ids = special_ids(folder)
     args.output.mkdir(parents=True, exist_ok=True)
-    llama_mapping.hf_config(training, vocab, ids, dtype).save_pretrained(args.output)
+    mapping.hf_config(training, vocab, ids, dtype).save_pretrained(args.output)
     save_file(tensors, str(args.output / "model.safetensors"), metadata={"format": "pt"})
     write_generation_config(args.output, ids)
     copied = copy_tokenizer(folder, args.output)
-    layout = f"tp={training.tensor_model_parallel_size} pp={training.pipeline_model_parallel_size}"
-    print(f"converted {loaded.path} (iteration {loaded.iteration}, trained with {layout}) -> {args.output}")
+    print(f"converted {loaded.path} (iteration {loaded.iteration}, trained with {layout(training)}) -> "
+          f"{args.output} as {mapping.ARCHITECTURE}")
     print(f"  {len(tensors)} tensors ({dtype}), vocab {vocab}; tokenizer files from {folder}: {', '.join(copied)}")
     return args.output
+
+
+def layout(training: argparse.Namespace) -> str:
+    """The training's parallel layout, in the start line's words."""
+    words = f"tp={training.tensor_model_parallel_size} pp={training.pipeline_model_parallel_size}"
+    if getattr(training, "num_experts", None):
+        words += f" ep={training.expert_model_parallel_size} ({training.num_experts} experts)"
+    return words
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,10 +16,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import re
+from collections.abc import Callable
 
 import torch
 
 from tools.checkpoint.errors import ConversionError
+
+ARCHITECTURE = "LlamaForCausalLM"
+LayerMapper = Callable[[str, str, torch.Tensor, argparse.Namespace], "dict[str, torch.Tensor] | None"]
+"""(HF prefix of the layer, Megatron name within the layer, tensor, args) -> HF tensors, or None."""
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 _PER_LAYER = {
@@ -37,26 +42,42 @@ _GLOBAL = {
 }
 
 
-def check_llama_compatible(args: argparse.Namespace) -> None:
-    """Raise ConversionError naming every training option that Llama cannot represent."""
+def llama_problems(args: argparse.Namespace) -> list[str]:
+    """Every training option of the attention, norms and MLP that Llama (and Mixtral) cannot represent."""
     problems = []
     if args.position_embedding_type != "rope":
         problems.append("position_embedding_type must be rope")
     if getattr(args, "rotary_percent", 1.0) != 1.0:
         problems.append("rotary_percent must be 1.0")
+    if getattr(args, "use_rope_scaling", False):
+        problems.append("use_rope_scaling must be false")
     if args.normalization != "RMSNorm":
         problems.append("normalization must be RMSNorm")
     if not args.swiglu:
         problems.append("swiglu must be true")
     if not args.disable_bias_linear:
-        problems.append("disable_bias_linear must be true (Llama has no linear biases)")
+        problems.append("disable_bias_linear must be true (no linear biases)")
     if getattr(args, "qk_layernorm", False):
         problems.append("qk_layernorm must be false")
     if getattr(args, "apply_layernorm_1p", False):
         problems.append("apply_layernorm_1p must be false")
+    if getattr(args, "mtp_num_layers", None):
+        problems.append("mtp_num_layers must be unset (no multi-token prediction layers)")
+    return problems
+
+
+def incompatible(architecture: str, problems: list[str]) -> ConversionError:
+    """One error naming every training option `architecture` cannot represent."""
+    return ConversionError(f"this checkpoint has no Hugging Face {architecture} equivalent: " + "; ".join(problems)
+                           + " (train.model.* of the training run)")
+
+
+def check_compatible(args: argparse.Namespace) -> None:
+    """Raise ConversionError naming every training option that Llama cannot represent."""
+    problems = llama_problems(args)
     if problems:
-        raise ConversionError("this checkpoint has no Hugging Face Llama equivalent: " + "; ".join(problems)
-                              + " (train.model.* of the training run)")
+        raise incompatible("Llama", problems)
+
 
 
 def split_qkv(weight: torch.Tensor, heads: int, groups: int, head_dim: int) -> tuple[torch.Tensor, ...]:
@@ -78,15 +99,20 @@ def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int, he
     return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
 
 
-def to_hf_state_dict(state: dict[str, torch.Tensor], args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """Megatron GPTModel state dict (one process, full tensors) -> Llama state dict."""
+def to_hf_state_dict(
+    state: dict[str, torch.Tensor], args: argparse.Namespace, layer_mapper: LayerMapper | None = None
+) -> dict[str, torch.Tensor]:
+    """Megatron GPTModel state dict (one process, full tensors) -> Llama state dict; `layer_mapper`
+    names a layer's tensors first (returning None for those it leaves to Llama's names)."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if name.endswith("_extra_state") or tensor is None:
             continue
         layer = _LAYER.fullmatch(name)
         if layer:
-            out.update(_layer_tensors(int(layer.group(1)), layer.group(2), tensor, args))
+            index, rest = int(layer.group(1)), layer.group(2)
+            mapped = layer_mapper(f"model.layers.{index}.", rest, tensor, args) if layer_mapper else None
+            out.update(mapped if mapped is not None else _layer_tensors(index, rest, tensor, args))
         elif name in _GLOBAL:
             out[_GLOBAL[name]] = tensor
         else:
@@ -115,32 +141,43 @@ def dtype_name(args: argparse.Namespace) -> str:
     return "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
 
 
+def rope_kwargs(config_class: type, args: argparse.Namespace) -> dict:
+    """RoPE's base as `config_class` takes it: rope_parameters (transformers 5) or rope_theta (4.x)."""
+    if "rope_parameters" in inspect.signature(config_class.__init__).parameters:
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": float(args.rotary_base)}}
+    return {"rope_theta": float(args.rotary_base)}
+
+
+def common_config(args: argparse.Namespace, vocab_size: int, special_ids: dict[str, int | None], dtype: str) -> dict:
+    """Config values Llama and Mixtral share: sizes, attention, norms, embeddings, token ids."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": args.hidden_size,
+        "num_hidden_layers": args.num_layers,
+        "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_query_groups,
+        "head_dim": args.kv_channels,
+        "max_position_embeddings": args.max_position_embeddings,
+        "rms_norm_eps": args.norm_epsilon,
+        "hidden_act": "silu",
+        "tie_word_embeddings": not args.untie_embeddings_and_output_weights,
+        "initializer_range": args.init_method_std,
+        "dtype": dtype,
+        "bos_token_id": special_ids.get("bos_token"),
+        "eos_token_id": special_ids.get("eos_token"),
+        "pad_token_id": special_ids.get("pad_token"),
+    }
+
+
 def hf_config(args: argparse.Namespace, vocab_size: int, special_ids: dict[str, int | None], dtype: str):
     """A transformers LlamaConfig equivalent to the training's model."""
     from transformers import LlamaConfig
 
-    rope: dict = {"rope_theta": float(args.rotary_base)}
-    if "rope_parameters" in inspect.signature(LlamaConfig.__init__).parameters:
-        rope = {"rope_parameters": {"rope_type": "default", "rope_theta": float(args.rotary_base)}}
     return LlamaConfig(
-        architectures=["LlamaForCausalLM"],
-        vocab_size=vocab_size,
-        hidden_size=args.hidden_size,
+        architectures=[ARCHITECTURE],
         intermediate_size=args.ffn_hidden_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_query_groups,
-        head_dim=args.kv_channels,
-        max_position_embeddings=args.max_position_embeddings,
-        rms_norm_eps=args.norm_epsilon,
-        hidden_act="silu",
-        tie_word_embeddings=not args.untie_embeddings_and_output_weights,
         attention_bias=False,
         mlp_bias=False,
-        initializer_range=args.init_method_std,
-        dtype=dtype,
-        bos_token_id=special_ids.get("bos_token"),
-        eos_token_id=special_ids.get("eos_token"),
-        pad_token_id=special_ids.get("pad_token"),
-        **rope,
+        **common_config(args, vocab_size, special_ids, dtype),
+        **rope_kwargs(LlamaConfig, args),
     )

@@ -14,6 +14,7 @@ import argparse
 import copy
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,11 +109,16 @@ def _init_single_process(args: argparse.Namespace) -> None:
     runtime.initialize(args)
 
 
-def load(load_dir: str | Path, iteration: int | None = None) -> LoadedCheckpoint:
-    """Build the model with the training program's builder and fill it from the checkpoint."""
+def load(
+    load_dir: str | Path, iteration: int | None = None, check: Callable[[argparse.Namespace], None] | None = None
+) -> LoadedCheckpoint:
+    """Build the model with the training program's builder and fill it from the checkpoint; `check`
+    sees the saved training arguments first (and may refuse them) before anything is built."""
     path, step = find(load_dir, iteration)
     legacy = torch_state(path) if checkpointing.checkpoint_format(path) == "torch" else None
     saved = legacy["args"] if legacy is not None and "args" in legacy else training_args(path)
+    if check is not None:
+        check(saved)
     args = single_process_args(saved)
     _init_single_process(args)
     if legacy is not None:
