@@ -36,8 +36,9 @@ class SpaceConfig:
     """Pipeline parallel sizes; `auto` = divisors of the world size."""
     context_parallel_size: list[Any] | str | None = None
     """Context parallel sizes (needs TransformerEngine attention)."""
-    expert_model_parallel_size: list[Any] | str | None = None
-    """Expert parallel sizes; only for models with experts (num_experts)."""
+    expert_model_parallel_size: list[Any] | str | None = AUTO
+    """Expert parallel sizes; `auto` = divisors of num_experts that divide the world size (1 for a dense
+    model); a list only for models with experts (num_experts)."""
     sequence_parallel: list[Any] | str | None = None
     """Sequence parallelism on/off (with tp 1 Megatron switches it off, so it is tried as off)."""
     num_layers_per_virtual_pipeline_stage: list[Any] | str | None = None

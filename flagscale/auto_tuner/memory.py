@@ -1,10 +1,14 @@
 """Memory estimate per process, per pipeline stage, in the spirit of Megatron-LM's theoretical
-memory report (megatron/training/theoretical_memory_usage.py) and of Korthikanti et al. 2022
+memory report and of Korthikanti et al. 2022
 ("Reducing Activation Recomputation in Large Transformer Models", Table 2), but counted tensor by
 tensor so it follows this training program's choices:
 
 - static: weights + gradient buffer + optimizer state (master weights, Adam moments), by precision;
-  the distributed optimizer divides the optimizer part by dp × cp.
+  the distributed optimizer divides the optimizer part by dp × cp (expert parameters: by the expert
+  data parallel size world / (ep × etp × pp)).
+- MoE layers (per `moe_layer_freq`): the router and shared experts as dense parameters, the routed
+  experts num_experts / ep per rank, each split over etp (`moe_params`); their activations are the
+  routed tokens' (top-k × tokens, `moe_activations`).
 - activations: what one micro batch keeps per layer (norm inputs/outputs, the QKV projection,
   rotated query/key, attention probabilities unless selective recompute, the context, MLP
   intermediates, dropout masks only when dropout > 0; see `layer_activations`), with the
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flagscale.auto_tuner.space import Candidate
+from flagscale.auto_tuner.space import Candidate, expert_data_parallel
 from flagscale.auto_tuner.workload import Workload
 
 MB = 2**20
@@ -75,49 +79,100 @@ def stage_layers(w: Workload, pp: int) -> list[int]:
     return counts
 
 
-def layer_params(w: Workload, tp: int, ep: int = 1) -> float:
-    """Parameters of one transformer layer on one tensor parallel rank."""
+def stage_layer_ids(w: Workload, pp: int, vpp: int, stage: int) -> list[int]:
+    """Indices of the layers one process of `stage` holds (interleaved: chunks stage, stage + pp, ...)."""
+    counts = stage_layers(w, pp)
+    if vpp > 1 and len(set(counts)) == 1:
+        per_chunk = counts[0] // vpp
+        return [(chunk * pp + stage) * per_chunk + i for chunk in range(vpp) for i in range(per_chunk)]
+    first = sum(counts[:stage])
+    return list(range(first, first + counts[stage]))
+
+
+def attention_params(w: Workload, tp: int) -> float:
+    """Attention and both norms of one layer on one tensor parallel rank (norms and the proj bias whole)."""
     h, q, kv = w.hidden_size, w.num_attention_heads * w.kv_channels, w.num_query_groups * w.kv_channels
-    fc1 = w.ffn_hidden_size * (2 if w.swiglu else 1)
-    experts = (w.num_experts or 1) / (ep if w.num_experts else 1)
-    split = h * (q + 2 * kv) + q * h + experts * (h * fc1 + w.ffn_hidden_size * h)
-    replicated = 2 * h * (2 if w.layernorm else 1)
-    if w.add_bias:
-        split += q + 2 * kv + experts * fc1
-        replicated += h + experts * h
+    split = h * (q + 2 * kv) + q * h + (q + 2 * kv if w.add_bias else 0)
+    replicated = 2 * h * (2 if w.layernorm else 1) + (h if w.add_bias else 0)
+    replicated += 2 * w.kv_channels * (2 if w.layernorm else 1) if w.qk_layernorm else 0
     return split / tp + replicated
 
 
-def stage_params(c: Candidate, w: Workload, stage: int) -> float:
-    """Parameters held by one process of `stage` (embedding on the first, output layer on the last)."""
+def mlp_params(w: Workload, width: int, tp: int) -> float:
+    """One MLP of hidden width `width` (fc1 gated under SwiGLU) on one of `tp` ranks (fc2's bias whole)."""
+    h, fc1 = w.hidden_size, width * (2 if w.swiglu else 1)
+    split = h * fc1 + width * h + (fc1 if w.add_bias else 0)
+    return split / tp + (h if w.add_bias else 0)
+
+
+def moe_params(w: Workload, tp: int, ep: int) -> tuple[float, float]:
+    """(dense, expert) parameters of one MoE layer's MLP part on one rank: the router (whole) and the shared
+    experts (split over tp) are dense; the routed experts are num_experts / ep per rank, split over etp."""
+    experts, h = w.num_experts or 0, w.hidden_size
+    dense = experts * h + (experts if w.add_bias else 0)
+    if w.moe_shared_expert_intermediate_size:
+        dense += mlp_params(w, w.moe_shared_expert_intermediate_size, tp) + (h if w.moe_shared_expert_gate else 0)
+    expert = experts / ep * mlp_params(w, w.moe_ffn_hidden_size or w.ffn_hidden_size, w.expert_tp(tp))
+    return dense, expert
+
+
+def layer_params(w: Workload, tp: int, ep: int = 1, moe: bool = False) -> tuple[float, float]:
+    """(dense, expert) parameters of one transformer layer on one rank."""
+    if not moe:
+        return attention_params(w, tp) + mlp_params(w, w.ffn_hidden_size, tp), 0.0
+    dense, expert = moe_params(w, tp, ep)
+    return attention_params(w, tp) + dense, expert
+
+
+def active_layer_params(w: Workload, moe: bool) -> float:
+    """Parameters one token passes through in one layer (unsplit): top-k experts, not all of them."""
+    if not moe:
+        return sum(layer_params(w, 1))
+    dense, _ = layer_params(w, 1, moe=True)
+    return dense + w.moe_router_topk * mlp_params(w, w.moe_ffn_hidden_size or w.ffn_hidden_size, 1)
+
+
+def stage_param_split(c: Candidate, w: Workload, stage: int) -> tuple[float, float]:
+    """(dense, expert) parameters held by one process of `stage` (embedding on the first, output on the last)."""
+    moe = w.moe_layers()
+    dense = expert = 0.0
+    for layer in stage_layer_ids(w, c.pp, c.vpp_size(w.num_layers), stage):
+        d, e = layer_params(w, c.tp, c.ep, moe[layer])
+        dense, expert = dense + d, expert + e
     h, vocab = w.hidden_size, w.padded_vocab(c.tp)
-    count = stage_layers(w, c.pp)[stage] * layer_params(w, c.tp, c.ep)
     if stage == 0:
-        count += vocab * h / c.tp + (w.max_position_embeddings * h if w.learned_positions else 0)
+        dense += vocab * h / c.tp + (w.max_position_embeddings * h if w.learned_positions else 0)
     if stage == c.pp - 1:
-        count += h * (2 if w.layernorm else 1)
+        dense += h * (2 if w.layernorm else 1)
         if w.untie_embeddings or c.pp > 1:  # tied weights: the last stage keeps its own copy
-            count += vocab * h / c.tp
-    return count
+            dense += vocab * h / c.tp
+    return dense, expert
 
 
-def optimizer_bytes(c: Candidate, w: Workload) -> tuple[int, int, float]:
-    """(weight, gradient, optimizer) bytes per parameter on one process."""
+def stage_params(c: Candidate, w: Workload, stage: int) -> float:
+    """Parameters held by one process of `stage`, dense and expert together."""
+    return sum(stage_param_split(c, w, stage))
+
+
+def optimizer_bytes(c: Candidate, w: Workload, expert: bool = False) -> tuple[int, int, float]:
+    """(weight, gradient, optimizer) bytes per parameter on one process; the distributed optimizer shards
+    dense parameters over dp × cp and expert parameters over the expert data parallel group."""
     weight = w.element_bytes
     grad = 4 if (w.precision == "fp32" or w.grads_in_fp32) else 2
     states = 8 if w.optimizer == "adam" else 4
     master = 0 if w.precision == "fp32" else 4 + (0 if grad == 4 else 4)  # fp32 copy (+ fp32 grad copy)
-    shards = c.dp * c.cp if c.dist_opt else 1
+    shards = (expert_data_parallel(c, w) if expert else c.dp * c.cp) if c.dist_opt else 1
     return weight, grad, (states + master) / shards
 
 
-def layer_activations(c: Candidate, w: Workload, recomputed: bool) -> float:
+def layer_activations(c: Candidate, w: Workload, recomputed: bool, moe: bool = False) -> float:
     """Bytes one micro batch keeps for one layer's backward (its input only, when recomputed).
 
     Counted as Megatron-Core's local layer spec keeps them (checked with saved-tensor hooks): each norm
     keeps its input, its normalised value (RMSNorm) and its output (the next linear's input); the fused
     QKV output stays whole (the value tensor is a view of it) next to the rotated query and key; the
-    attention probabilities; the context; SwiGLU's fc1 output, SiLU output and their product."""
+    attention probabilities; the context; SwiGLU's fc1 output, SiLU output and their product (an MoE
+    layer: see `moe_activations`)."""
     e, t = w.element_bytes, c.tp
     sb = w.seq_length // c.cp * c.mbs
     rep = 1 / t if c.sp else 1  # norm/dropout regions: split only under sequence parallelism
@@ -130,21 +185,45 @@ def layer_activations(c: Candidate, w: Workload, recomputed: bool) -> float:
     if c.recompute != "selective":
         probs = (w.num_attention_heads / t) * (w.seq_length / c.cp) * w.seq_length * c.mbs  # softmax output
         attention += probs * (e + ((1 + e) if w.attention_dropout > 0 else 0))  # + dropout mask and output
-    mlp = sb * w.ffn_hidden_size * e / t * (4 if w.swiglu else 2)
+    mlp = moe_activations(c, w) if moe else sb * w.ffn_hidden_size * e / t * (4 if w.swiglu else 2)
     return 2 * norm + attention + mlp + masks
 
 
-def chunk_activations(c: Candidate, w: Workload, layers: int) -> tuple[float, float]:
-    """(kept per micro batch, working set once) for a model chunk of `layers` layers."""
-    full = layer_activations(c, w, recomputed=False)
-    if c.recompute != "full":
-        return layers * full, full
-    n = c.recompute_layers or 1
+def moe_activations(c: Candidate, w: Workload) -> float:
+    """What one micro batch keeps in an MoE layer's MLP part on one rank, assuming balanced routing (each
+    rank's experts receive as many routed tokens as its tokens send): top-k × tokens routed rows, gathered
+    over the expert tensor parallel ranks (etp / tp of the tp group's tokens), each keeping its permuted
+    input, the expert output (for the routing-weight gradient) and the fc1 intermediates (split over etp);
+    the fp32 router logits and probabilities; the shared experts as a dense MLP."""
+    e, t, etp = w.element_bytes, c.tp, w.expert_tp(c.tp)
+    sb = w.seq_length // c.cp * c.mbs
+    gated = 4 if w.swiglu else 2
+    rows = w.moe_router_topk * sb * etp / t
+    width = w.moe_ffn_hidden_size or w.ffn_hidden_size
+    routed = rows * e * (2 * w.hidden_size + width / etp * gated)
+    router = 2 * sb * (1 / t if c.sp else 1) * (w.num_experts or 0) * 4
+    shared = sb * (w.moe_shared_expert_intermediate_size or 0) * e / t * gated
+    return routed + router + shared
+
+
+def chunk_activations(c: Candidate, w: Workload, moe: list[bool]) -> tuple[float, float]:
+    """(kept per micro batch, working set once) for a model chunk whose layers are MoE or dense as `moe` says."""
+    full = [layer_activations(c, w, False, m) for m in moe]
+    if c.recompute != "full" or not moe:
+        return sum(full), max(full, default=0.0)
+    n, kept_input = c.recompute_layers or 1, layer_activations(c, w, True)
     if c.recompute_method == "block":
-        kept = min(n, layers) * layer_activations(c, w, True) + max(layers - n, 0) * full
-        return kept, full
-    chunks = -(-layers // n)
-    return chunks * layer_activations(c, w, True), min(n, layers) * full
+        return min(n, len(moe)) * kept_input + sum(full[n:]), max(full)
+    groups = [full[i:i + n] for i in range(0, len(full), n)]
+    return len(groups) * kept_input, max(sum(g) for g in groups)
+
+
+def stage_chunks(c: Candidate, w: Workload, stage: int) -> list[list[bool]]:
+    """MoE flags of the layers of each model chunk the stage holds (one chunk without interleaving)."""
+    v, moe = c.vpp_size(w.num_layers), w.moe_layers()
+    ids = stage_layer_ids(w, c.pp, v, stage)
+    size = max(1, len(ids) // v)
+    return [[moe[i] for i in ids[k:k + size]] for k in range(0, len(ids), size)] or [[]]
 
 
 def in_flight(c: Candidate, w: Workload, stage: int) -> int:
@@ -157,9 +236,7 @@ def in_flight(c: Candidate, w: Workload, stage: int) -> int:
 
 def stage_activations(c: Candidate, w: Workload, stage: int) -> float:
     """Activation bytes at the stage's peak."""
-    v = c.vpp_size(w.num_layers)
-    layers = stage_layers(w, c.pp)[stage] // v
-    kept, working = chunk_activations(c, w, layers)
+    kept, working = max(chunk_activations(c, w, chunk) for chunk in stage_chunks(c, w, stage))
     total = in_flight(c, w, stage) * kept + working
     sbh = w.seq_length // c.cp * c.mbs * w.hidden_size * w.element_bytes
     if stage == 0:
@@ -173,11 +250,13 @@ def stage_activations(c: Candidate, w: Workload, stage: int) -> float:
 def estimate(c: Candidate, w: Workload, baseline_mb: float = 0.0) -> MemoryEstimate:
     """Every stage's memory for candidate `c`."""
     weight, grad, opt = optimizer_bytes(c, w)
+    expert_opt = optimizer_bytes(c, w, expert=True)[2]
     stages = []
     for stage in range(c.pp):
-        params = stage_params(c, w, stage)
+        dense, expert = stage_param_split(c, w, stage)
+        params = dense + expert
         stages.append(StageMemory(
-            stage=stage, params=params * weight, grads=params * grad, optimizer=params * opt,
+            stage=stage, params=params * weight, grads=params * grad, optimizer=dense * opt + expert * expert_opt,
             activations=stage_activations(c, w, stage), transient=params * 4,
         ))
     return MemoryEstimate(stages=tuple(stages), baseline_mb=baseline_mb)

@@ -12,9 +12,11 @@ from flagscale.config.layout import Layout, ModelShape, problems
 
 
 def layout_of(c: Candidate, w: Workload) -> Layout:
-    """The layout a trial of c runs: its train values, the derived dp, the job's batch and overlap settings."""
+    """The layout a trial of c runs: its train values, the derived dp, the job's batch, overlap and expert
+    tensor parallel settings."""
     values = {**c.train_values(True), "data_parallel_size": c.dp, "global_batch_size": w.global_batch_size,
-              "overlap_param_gather": w.overlap_param_gather}
+              "overlap_param_gather": w.overlap_param_gather,
+              "expert_tensor_parallel_size": w.expert_tensor_parallel_size}
     return Layout.from_values(values)
 
 

@@ -132,7 +132,7 @@ def auto_range(name: str, work: Workload) -> list[Any]:
         "tensor_model_parallel_size": divisors(world),
         "pipeline_model_parallel_size": divisors(world),
         "context_parallel_size": divisors(world),
-        "expert_model_parallel_size": divisors(world) if work.num_experts else [1],
+        "expert_model_parallel_size": expert_range(work),
         "sequence_parallel": [False, True],
         "num_layers_per_virtual_pipeline_stage": [None, *divisors(work.num_layers)[:-1]],
         "micro_batch_size": divisors(work.global_batch_size),
@@ -142,6 +142,13 @@ def auto_range(name: str, work: Workload) -> list[Any]:
         "use_distributed_optimizer": [False, True],
     }
     return ranges[name]
+
+
+def expert_range(work: Workload) -> list[int]:
+    """`auto` expert parallel sizes: divisors of num_experts that divide the world size ([1] for a dense model)."""
+    if not work.num_experts:
+        return [1]
+    return [d for d in divisors(work.num_experts) if work.world_size % d == 0]
 
 
 def expand(space: SpaceConfig, work: Workload, current: dict[str, Any]) -> dict[str, list[Any]]:
@@ -202,14 +209,22 @@ def generate(space: SpaceConfig, work: Workload, current: dict[str, Any]) -> lis
     return list(seen.values())
 
 
+def expert_data_parallel(c: Candidate, work: Workload) -> int:
+    """Ranks an expert parameter is replicated over: world / (ep × etp × pp) (1 for a dense model)."""
+    if not work.num_experts:
+        return 1
+    return max(1, work.world_size // (c.ep * work.expert_tp(c.tp) * c.pp))
+
+
 def canonical(c: Candidate, work: Workload) -> Candidate:
     """c with the settings that change nothing spelled as their plain equivalent, as Megatron-LM treats them:
     sequence parallelism with tp 1 (switched off), the distributed optimizer with no data parallel ranks to
-    shard over, a virtual pipeline of one chunk per rank, recompute_num_layers beyond a model chunk."""
+    shard over (neither dense nor expert; overlap_param_gather needs it set regardless), a virtual pipeline
+    of one chunk per rank, recompute_num_layers beyond a model chunk."""
     changes: dict[str, Any] = {}
     if c.sp and c.tp == 1:
         changes["sp"] = False
-    if c.dist_opt and c.dp * c.cp == 1 and not work.overlap_param_gather:  # that flag needs it set
+    if c.dist_opt and c.dp * c.cp == expert_data_parallel(c, work) == 1 and not work.overlap_param_gather:
         changes["dist_opt"] = False
     even = work.first_stage_layers is None and work.last_stage_layers is None and work.num_layers % c.pp == 0
     stage_layers = work.num_layers // c.pp if even else None

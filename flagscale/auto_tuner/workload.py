@@ -51,11 +51,40 @@ class Workload:
     device: str = "auto"
     overlap_param_gather: bool = False
     """The job's own setting (not searched); the layout rules check it against each candidate."""
+    qk_layernorm: bool = False
+    """A norm over each query and key head (kv_channels weights each)."""
     num_experts: int | None = None
+    """Experts per MoE layer; None: a dense model (every MoE field below is then unused)."""
+    moe_ffn_hidden_size: int | None = None
+    """Hidden size of each expert (the training program defaults it to ffn_hidden_size)."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Total hidden size of the shared experts (None: none)."""
+    moe_shared_expert_gate: bool = False
+    """A (1, hidden) gate weight on the shared experts' output."""
+    moe_layer_freq: int | tuple[int, ...] = 1
+    """Every Nth layer is MoE (int N, from layer 0), or a 0/1 pattern per layer (1: MoE)."""
+    moe_token_dispatcher_type: str = "allgather"
+    """How routed tokens reach the experts on other expert-parallel ranks (allgather or alltoall)."""
+    expert_tensor_parallel_size: int | None = None
+    """The job's own setting (not searched); None: the expert layers follow each candidate's tp."""
     first_stage_layers: int | None = None
     """Uneven pipeline split: layers on the first stage (decoder_first_pipeline_num_layers)."""
     last_stage_layers: int | None = None
     """Uneven pipeline split: layers on the last stage (decoder_last_pipeline_num_layers)."""
+
+    def moe_layers(self) -> list[bool]:
+        """Whether each layer is an MoE layer (Megatron-Core's reading of moe_layer_freq)."""
+        if not self.num_experts:
+            return [False] * self.num_layers
+        if isinstance(self.moe_layer_freq, int):
+            return [i % self.moe_layer_freq == 0 for i in range(self.num_layers)]
+        return [bool(v) for v in self.moe_layer_freq]
+
+    def expert_tp(self, tp: int) -> int:
+        """Tensor parallel size of the expert layers under a candidate's tp."""
+        return self.expert_tensor_parallel_size or tp
 
     def padded_vocab(self, tp: int) -> int:
         """Megatron's padded vocabulary for tensor parallel size `tp`."""
@@ -68,7 +97,7 @@ class Workload:
 
 
 # Keys some Megatron-LM versions accept; read when present so the rules honour them.
-OPTIONAL_KEYS = ("num_experts", "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
+OPTIONAL_KEYS = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
 
 
 def parse_train_args(task: dict[str, Any], world_size: int) -> argparse.Namespace:
@@ -114,10 +143,29 @@ def workload_from_task(task: dict[str, Any], world_size: int, vocab_size: int | 
         layernorm=args.normalization == "LayerNorm", attention_dropout=args.attention_dropout,
         hidden_dropout=args.hidden_dropout, precision=precision, grads_in_fp32=args.accumulate_allreduce_grads_in_fp32,
         optimizer=args.optimizer, device=args.device, overlap_param_gather=args.overlap_param_gather,
-        num_experts=extra.get("num_experts"),
+        qk_layernorm=bool(args.qk_layernorm), **moe_facts(args, task),
         first_stage_layers=extra.get("decoder_first_pipeline_num_layers"),
         last_stage_layers=extra.get("decoder_last_pipeline_num_layers"),
     )
+
+
+def moe_facts(args: argparse.Namespace, task: dict[str, Any]) -> dict[str, Any]:
+    """The MoE fields of the Workload, from the parsed (and derived) arguments; expert_tensor_parallel_size
+    from the user's own leaves (the derived value copies the user's tp, which each candidate replaces)."""
+    if not args.num_experts:
+        return {}
+    freq = args.moe_layer_freq
+    leaves = flatten_leaves(task, "train")
+    return {
+        "num_experts": args.num_experts, "moe_ffn_hidden_size": args.moe_ffn_hidden_size,
+        "moe_router_topk": args.moe_router_topk,
+        "moe_shared_expert_intermediate_size": args.moe_shared_expert_intermediate_size,
+        "moe_shared_expert_gate": bool(args.moe_shared_expert_gate),
+        "moe_layer_freq": freq if isinstance(freq, int) else tuple(freq),
+        "moe_token_dispatcher_type": args.moe_token_dispatcher_type,
+        "expert_tensor_parallel_size": leaves["expert_tensor_parallel_size"][1]
+        if "expert_tensor_parallel_size" in leaves else None,
+    }
 
 
 def tokenizer_vocab(args: argparse.Namespace) -> int:

@@ -145,3 +145,27 @@ def test_memory_estimate_against_measured_peak(tiny_data: Path, tmp_path: Path) 
               f"estimate {_estimate(tiny_data, model):.1f} MB, error {errors[name]:+.1%}")
     print(f"memory estimate: median |error| {statistics.median(abs(e) for e in errors.values()):.1%}")
     assert all(abs(e) < 0.25 for e in errors.values()), errors
+
+
+MOE = {"num_experts": 4, "moe_ffn_hidden_size": 64, "moe_router_topk": 2, "moe_aux_loss_coeff": 0.01}
+
+
+@pytest.mark.slow
+def test_auto_tune_searches_expert_parallel_sizes_of_a_tiny_moe(tiny_data: Path, tmp_path: Path) -> None:
+    """The tiny GPT with 4 experts per layer on 2 processes: ep `auto` (the default) is [1, 2]; both trials run,
+    the summary and best.yaml carry expert_model_parallel_size."""
+    exp = tmp_path / "exp"
+    space = f"{TUNER}.space"
+    proc = run_py(*CONF, "action=auto_tune", *tiny_overrides(tiny_data, exp, **SMALL),
+                  *[f"+train.model.{k}={v}" for k, v in MOE.items()],
+                  f"{space}.tensor_model_parallel_size=[1]", f"{space}.pipeline_model_parallel_size=[1]",
+                  f"{space}.micro_batch_size=[4]", f"{space}.recompute_granularity=[null]",
+                  f"{TUNER}.control.iterations=8", f"{TUNER}.control.warmup_iterations=2",
+                  f"{TUNER}.control.trial_timeout_s=180", f"{TUNER}.control.stop_margin=1e9", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tuner_dir = exp / "auto_tuner"
+    history = _rows(tuner_dir / "history.csv")
+    assert sorted(row["ep"] for row in history) == ["1", "2"], history
+    assert all(row["status"] == "ok" and float(row["tokens_per_s"]) > 0 for row in history), history
+    best = max(history, key=lambda row: float(row["tokens_per_s"]))
+    assert f"expert_model_parallel_size: {best['ep']}" in (tuner_dir / "best.yaml").read_text()

@@ -16,11 +16,12 @@ from flagscale.exceptions import ConfigError
 from tests.unit.test_auto_tuner_rules import CURRENT, TINY
 
 
-def test_defaults_search_tp_pp_dp_mbs_and_keep_the_rest() -> None:
+def test_defaults_search_tp_pp_dp_ep_mbs_and_keep_the_rest() -> None:
     config = load_tuner_config(None)
     dims = config.space.dimensions()
-    assert {k for k, v in dims.items() if v == "auto"} == {
-        "data_parallel_size", "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size"}
+    assert {k for k, v in dims.items() if v == "auto"} == {  # ep: auto is [1] for a dense model
+        "data_parallel_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+        "expert_model_parallel_size", "micro_batch_size"}
     assert dims["recompute_granularity"] is None and config.memory_model is None
     assert config.performance.metric == "tokens_per_s" and config.performance.higher_is_better
 
