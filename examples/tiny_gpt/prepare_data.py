@@ -6,6 +6,9 @@ Generates two English-like corpora from a small seeded grammar (short stories, a
 world facts; ~2.5 MB together), trains a byte-level BPE tokenizer on them (Hugging Face folder),
 and tokenizes each corpus into Megatron .bin/.idx files, so both a single source and a blend
 (`--data-path 0.7 <dir>/stories_text_document 0.3 <dir>/facts_text_document`) can be trained.
+The same tokenizer is also written as GPT-2-style files (<dir>/gpt2_files: vocab.json, merges.txt,
+special_tokens.txt) with the corpora tokenized by AquilaTokenizerFS from them (<dir>/gpt2_files/*),
+for the aquila example.
 A second run with the same options finds manifest.json up to date and does nothing.
 """
 
@@ -25,7 +28,7 @@ if __package__ in (None, ""):  # run by path: make `tools` and `flagscale` impor
 
 from tools.datasets import preprocess_data, train_tokenizer  # noqa: E402
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 NAMES = ["Tom", "Lily", "Max", "Mia", "Ben", "Sara", "Leo", "Anna", "Sam", "Zoe", "Tim", "Emma", "Jack", "Lucy"]
 ANIMALS = ["cat", "dog", "rabbit", "bird", "fox", "bear", "mouse", "duck", "frog", "horse", "owl", "lion"]
 PLACES = ["small house", "big forest", "quiet village", "green garden", "busy town", "little farm", "sunny beach"]
@@ -151,6 +154,15 @@ def build(out: Path, options: dict) -> list[Path]:
     for name in sources:
         argv = ["--input", str(corpus / f"{name}.jsonl"), "--json-keys", "text", "--append-eod",
                 "--tokenizer-model", str(out / "tokenizer"), "--output-prefix", str(out / name)]
+        for prefix in preprocess_data.main(argv):
+            written += [Path(prefix + ".bin"), Path(prefix + ".idx")]
+    files = train_tokenizer.save_gpt2_files(tokenizer, out / "gpt2_files")
+    written += files
+    print(f"wrote {out / 'gpt2_files'} (vocab.json, merges.txt, special_tokens.txt)")
+    for name in sources:
+        argv = ["--input", str(corpus / f"{name}.jsonl"), "--json-keys", "text", "--append-eod",
+                "--tokenizer-type", "AquilaTokenizerFS", "--vocab-file", str(files[0]), "--merge-file", str(files[1]),
+                "--special-tokens-file", str(files[2]), "--output-prefix", str(out / "gpt2_files" / name)]
         for prefix in preprocess_data.main(argv):
             written += [Path(prefix + ".bin"), Path(prefix + ".idx")]
     return written

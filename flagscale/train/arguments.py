@@ -654,6 +654,8 @@ def derive(args: argparse.Namespace, world_size: int | None) -> argparse.Namespa
     args.kv_channels = args.kv_channels or args.hidden_size // args.num_attention_heads
     args.num_query_groups = args.num_query_groups if args.group_query_attention else args.num_attention_heads
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    if args.bf16 and not getattr(args, "grad_reduce_in_bf16", False):  # Megatron-LM: bf16 reduces grads in fp32
+        args.accumulate_allreduce_grads_in_fp32 = True
     _derive_moe(args)
     _derive_iters(args)
     if args.num_layers_per_virtual_pipeline_stage:

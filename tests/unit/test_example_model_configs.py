@@ -338,7 +338,4 @@ def test_bf16_reduces_gradients_in_fp32_as_megatron_lm() -> None:
     _, argvs = dryrun_argv("mixtral", "train")
     assert "--bf16" in argvs[0] and "--accumulate-allreduce-grads-in-fp32" not in argvs[0]
     args = arguments.parse_args(argvs[0], world_size=32)
-    if not args.accumulate_allreduce_grads_in_fp32:
-        pytest.xfail("known mapping gap: arguments.derive does not apply Megatron-LM's bf16 -> fp32 gradient "
-                     "reduction, so this job would reduce gradients in bf16")  # fmt: skip
     assert args.accumulate_allreduce_grads_in_fp32

@@ -1,6 +1,10 @@
 """Train a small byte-level BPE tokenizer and save it as a Hugging Face tokenizer folder.
 
     python tools/datasets/train_tokenizer.py --input corpus.txt --output-dir tok --vocab-size 1024
+    python tools/datasets/train_tokenizer.py --input corpus.txt --output-dir tok --format gpt2-files
+
+`--format gpt2-files` writes the same tokenizer as GPT-2-style files instead: vocab.json, merges.txt and
+special_tokens.txt (one token per line), what GPT2BPETokenizer and AquilaTokenizerFS read.
 
 Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json (bos `<s>`, eos `</s>`,
 pad `<pad>`, unk `<unk>`, a simple chat template), loadable offline by the `tokenizers` library
@@ -58,6 +62,18 @@ def save_hf_folder(tokenizer: Tokenizer, output_dir: Path, model_max_length: int
     return paths
 
 
+GPT2_FILE_SPECIALS = ("<|endoftext|>",)  # AquilaTokenizerFS pads with it; GPT2BPETokenizer's end of document
+
+
+def save_gpt2_files(tokenizer: Tokenizer, output_dir: Path) -> list[Path]:
+    """Write vocab.json, merges.txt and special_tokens.txt (the trained special tokens, then `<|endoftext|>`)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = [Path(p) for p in tokenizer.model.save(str(output_dir))]
+    specials = output_dir / "special_tokens.txt"
+    specials.write_text("\n".join([*SPECIAL_TOKENS.values(), *GPT2_FILE_SPECIALS]) + "\n", encoding="utf-8")
+    return [*written, specials]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, type=Path, help="Tokenizer folder to write.")
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--model-max-length", type=int, default=2048)
+    parser.add_argument("--format", choices=("hf", "gpt2-files"), default="hf",
+                        help="hf: a Hugging Face tokenizer folder; "
+                        "gpt2-files: vocab.json, merges.txt, special_tokens.txt.")
     return parser
 
 
@@ -72,7 +91,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Train and save."""
     args = build_parser().parse_args(argv)
     tokenizer = train_bpe(args.input, args.vocab_size)
-    for path in save_hf_folder(tokenizer, args.output_dir, args.model_max_length):
+    if args.format == "gpt2-files":
+        written = save_gpt2_files(tokenizer, args.output_dir)
+    else:
+        written = save_hf_folder(tokenizer, args.output_dir, args.model_max_length)
+    for path in written:
         print(f"wrote {path}")
     print(f"vocab size {tokenizer.get_vocab_size()}")
 
