@@ -6,9 +6,10 @@ Generates two English-like corpora from a small seeded grammar (short stories, a
 world facts; ~2.5 MB together), trains a byte-level BPE tokenizer on them (Hugging Face folder),
 and tokenizes each corpus into Megatron .bin/.idx files, so both a single source and a blend
 (`--data-path 0.7 <dir>/stories_text_document 0.3 <dir>/facts_text_document`) can be trained.
-The same tokenizer is also written as GPT-2-style files (<dir>/gpt2_files: vocab.json, merges.txt,
-special_tokens.txt) with the corpora tokenized by AquilaTokenizerFS from them (<dir>/gpt2_files/*),
-for the aquila example.
+The same tokenizer is also written in the two other shapes upstream's YAMLs load, each with the
+corpora tokenized by that tokenizer type: GPT-2-style files for AquilaTokenizerFS (<dir>/gpt2_files:
+vocab.json, merges.txt, special_tokens.txt), and a folder with Qwen's special tokens added for
+QwenTokenizerFS (<dir>/qwen_tokenizer).
 A second run with the same options finds manifest.json up to date and does nothing.
 """
 
@@ -26,9 +27,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if __package__ in (None, ""):  # run by path: make `tools` and `flagscale` importable
     sys.path.insert(0, str(REPO_ROOT))
 
+from tokenizers import Tokenizer  # noqa: E402
+
 from tools.datasets import preprocess_data, train_tokenizer  # noqa: E402
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
+QWEN_SPECIALS = ("<|endoftext|>", "<|extra_203|>", "<|extra_204|>")  # QwenTokenizerFS: pad, cls, eod
 NAMES = ["Tom", "Lily", "Max", "Mia", "Ben", "Sara", "Leo", "Anna", "Sam", "Zoe", "Tim", "Emma", "Jack", "Lucy"]
 ANIMALS = ["cat", "dog", "rabbit", "bird", "fox", "bear", "mouse", "duck", "frog", "horse", "owl", "lion"]
 PLACES = ["small house", "big forest", "quiet village", "green garden", "busy town", "little farm", "sunny beach"]
@@ -158,13 +162,21 @@ def build(out: Path, options: dict) -> list[Path]:
             written += [Path(prefix + ".bin"), Path(prefix + ".idx")]
     files = train_tokenizer.save_gpt2_files(tokenizer, out / "gpt2_files")
     written += files
-    print(f"wrote {out / 'gpt2_files'} (vocab.json, merges.txt, special_tokens.txt)")
-    for name in sources:
-        argv = ["--input", str(corpus / f"{name}.jsonl"), "--json-keys", "text", "--append-eod",
-                "--tokenizer-type", "AquilaTokenizerFS", "--vocab-file", str(files[0]), "--merge-file", str(files[1]),
-                "--special-tokens-file", str(files[2]), "--output-prefix", str(out / "gpt2_files" / name)]
-        for prefix in preprocess_data.main(argv):
-            written += [Path(prefix + ".bin"), Path(prefix + ".idx")]
+    qwen = Tokenizer.from_str(tokenizer.to_str())
+    qwen.add_special_tokens(list(QWEN_SPECIALS))
+    written += train_tokenizer.save_hf_folder(qwen, out / "qwen_tokenizer", model_max_length=2048)
+    print(f"wrote {out / 'gpt2_files'} (vocab.json, merges.txt, special_tokens.txt) and {out / 'qwen_tokenizer'}")
+    variants = {
+        "gpt2_files": ["--tokenizer-type", "AquilaTokenizerFS", "--vocab-file", str(files[0]),
+                       "--merge-file", str(files[1]), "--special-tokens-file", str(files[2])],
+        "qwen_tokenizer": ["--tokenizer-type", "QwenTokenizerFS", "--tokenizer-path", str(out / "qwen_tokenizer")],
+    }  # fmt: skip
+    for folder, tokenizer_args in variants.items():
+        for name in sources:
+            argv = ["--input", str(corpus / f"{name}.jsonl"), "--json-keys", "text", "--append-eod",
+                    *tokenizer_args, "--output-prefix", str(out / folder / name)]
+            for prefix in preprocess_data.main(argv):
+                written += [Path(prefix + ".bin"), Path(prefix + ".idx")]
     return written
 
 

@@ -4,6 +4,7 @@ dryrun is literally the first half of run: the same plan, rendered and written, 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import time
 import urllib.request
@@ -367,11 +368,24 @@ def _config_args(job: JobConfig) -> str:
                        *overrides])
 
 
+# A rank's own error line in a torchrun log: `[default3]:error: ...` or the last line of a traceback.
+RANK_ERROR = re.compile(r"^\[default\d+\]:((error: .*)|([A-Za-z_.]*(Error|Exception)\b.*))$")
+
+
 def _tail(path: str, lines: int = 15) -> str:
+    """The log's last lines, after the ranks' first distinct error lines when they come earlier (torchrun's
+    failure summary, which ends the log, names no cause)."""
     try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+        text = Path(path).read_text(errors="replace").splitlines()
     except OSError:
         return "(log not readable here)"
+    errors: list[str] = []
+    for line in text[:-lines]:
+        found = RANK_ERROR.match(line)
+        if found and found.group(1) not in errors:
+            errors.append(found.group(1))
+    shown = [f"  (rank error) {e}" for e in errors[:5]] + (["  ..."] if errors else [])
+    return "\n".join(shown + text[-lines:])
 
 
 def state_dir() -> Path:

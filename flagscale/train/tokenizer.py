@@ -472,3 +472,19 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: 
     """Megatron-LM's padding: round up to a multiple of divisible_by × TP."""
     multiple = divisible_by * tensor_parallel_size
     return -(-vocab_size // multiple) * multiple
+
+
+def check_special_ids(tokenizer: TextTokenizer, vocab: int) -> None:
+    """ConfigError when a special token the data uses has an id the embedding does not have (tokenizers whose
+    vocab_size leaves out added tokens, as HFTokenizerFS/QwenTokenizerFS do, can place them past the padding)."""
+    for role in ("eod", "pad"):
+        try:
+            token_id = getattr(tokenizer, role)
+        except AttributeError:
+            continue
+        if token_id is not None and token_id >= vocab:
+            raise ConfigError(
+                f"{type(tokenizer).__name__}: its {role} id {token_id} is outside the model's vocabulary of {vocab} "
+                f"(tokenizer vocab_size {tokenizer.vocab_size}, padded by make_vocab_size_divisible_by); use a "
+                "tokenizer whose vocabulary includes its special tokens, or a larger make_vocab_size_divisible_by"
+            )

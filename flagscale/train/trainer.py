@@ -25,7 +25,7 @@ from flagscale.train.model import build_chunks, count_parameters, transformer_co
 from flagscale.train.optim import build_optimizer, build_scheduler, connect_model_hooks
 from flagscale.train.runtime import Runtime, initialize, shutdown
 from flagscale.train.steps import AuxLosses, StepResult, evaluate, train_step
-from flagscale.train.tokenizer import build_tokenizer, padded_vocab_size
+from flagscale.train.tokenizer import build_tokenizer, check_special_ids, padded_vocab_size
 
 
 def print_rank0(message: str) -> None:
@@ -175,6 +175,7 @@ def build_trainer(args: argparse.Namespace, runtime: Runtime) -> tuple[Trainer, 
     """Tokenizer, model, optimizer, checkpoint, data and reporter; (trainer, start iteration)."""
     tokenizer = build_tokenizer(args)
     vocab = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    check_special_ids(tokenizer, vocab)
     config = transformer_config(args, runtime)
     chunks = build_chunks(args, config, vocab)
     experts = f" ep={args.expert_model_parallel_size} ({args.num_experts} experts)" if args.num_experts else ""

@@ -188,6 +188,18 @@ def test_qwen_picks_upstream_eod_and_pad(tmp_path: Path, hf_folder: Path) -> Non
         tokenizer.QwenTokenizerFS(with_added_tokens(hf_folder, tmp_path / "bad", ["<|endoftext|>", "<|extra_203|>"]))
 
 
+def test_special_ids_past_the_padded_vocabulary_are_one_config_error(tmp_path: Path, hf_folder: Path) -> None:
+    """QwenTokenizerFS counts only the base vocabulary, as upstream's does: its eod (an added token) must still
+    fall inside the padded embedding, or training would index past it."""
+    tok = tokenizer.QwenTokenizerFS(
+        with_added_tokens(hf_folder, tmp_path / "qwen", ["<|endoftext|>", "<|extra_203|>", "<|extra_204|>"]).parent
+    )
+    assert tok.eod >= tok.vocab_size  # an added token
+    tokenizer.check_special_ids(tok, tokenizer.padded_vocab_size(tok.vocab_size, 128, 1))
+    with pytest.raises(ConfigError, match=f"eod id {tok.eod} is outside the model's vocabulary of {tok.vocab_size}"):
+        tokenizer.check_special_ids(tok, tok.vocab_size)
+
+
 def test_hf_tokenizers_json_eod_pad_and_size(tmp_path: Path, hf_folder: Path) -> None:
     path = with_added_tokens(hf_folder, tmp_path / "a", ["<|endoftext|>", "<|padding|>"])
     tok = tokenizer.HFTokenizersTokenizerFS(str(path))
