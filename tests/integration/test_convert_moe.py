@@ -137,7 +137,7 @@ def _with_args(checkpoint: Path, dest: Path, **changes: object) -> Path:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"multi_latent_attention": True}, "error: not supported: multi-latent attention (DeepSeek-V2/V3-like)"),
+        ({"multi_latent_attention": True}, "no Hugging Face DeepseekV3 equivalent: qk_layernorm must be true"),
         ({"moe_router_pre_softmax": True}, "moe_router_pre_softmax must be false"),
         ({"moe_router_score_function": "sigmoid"}, "moe_router_score_function must be softmax"),
         ({"moe_shared_expert_intermediate_size": 64}, "Mixtral has no shared expert"),

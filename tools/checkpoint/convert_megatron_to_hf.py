@@ -1,11 +1,13 @@
-"""Convert a Megatron-Core checkpoint written by FlagScale training into a Hugging Face Llama or Mixtral folder.
+"""Convert a Megatron-Core checkpoint from FlagScale training to a Hugging Face Llama, Mixtral or DeepSeek-V3 folder.
 
     python tools/checkpoint/convert_megatron_to_hf.py --load outputs/tiny_gpt/checkpoints --output outputs/tiny_gpt/hf
 
 Reads the latest iteration (or --iteration N) of a torch_dist checkpoint, whatever tensor/pipeline/
 expert parallel sizes the training used, with the training program's own model builder. The
 architecture follows the saved training arguments: a dense model becomes LlamaForCausalLM, an MoE
-model (num_experts) MixtralForCausalLM, and what neither can represent is refused in one line. Writes
+model (num_experts) MixtralForCausalLM, a multi-latent-attention model (DeepSeek-V3-like: MLA, sigmoid
+router, shared experts, dense first layers) DeepseekV3ForCausalLM without its multi-token-prediction
+layers, and what the chosen architecture cannot represent is refused in one line. Writes
 config.json, generation_config.json, model.safetensors and the tokenizer files (copied from the
 training's --tokenizer-model folder, or --tokenizer-dir), loadable by transformers and vLLM.
 """
@@ -25,7 +27,7 @@ from types import ModuleType
 if __package__ in (None, ""):  # run by path: make `tools` and `flagscale` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tools.checkpoint import llama_mapping, mixtral_mapping
+from tools.checkpoint import deepseek_v3_mapping, llama_mapping, mixtral_mapping
 from tools.checkpoint.errors import ConversionError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -49,9 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def mapping_for(training: argparse.Namespace) -> ModuleType:
     """The mapping module of the Hugging Face architecture the training's model corresponds to."""
     if getattr(training, "multi_latent_attention", False):
-        raise ConversionError("not supported: multi-latent attention (DeepSeek-V2/V3-like) checkpoints are not "
-                              "mapped to transformers' DeepseekV3ForCausalLM; this converter writes LlamaForCausalLM "
-                              "(dense) and MixtralForCausalLM (MoE)")
+        return deepseek_v3_mapping
     return mixtral_mapping if getattr(training, "num_experts", None) else llama_mapping
 
 
@@ -112,7 +112,9 @@ def convert(args: argparse.Namespace) -> Path:
         folder = tokenizer_dir(args, training)
         dtype = llama_mapping.dtype_name(training) if args.dtype == "auto" else args.dtype
         tensors = mapping.to_hf_state_dict(loaded.model.state_dict(), training)
-        tensors = {name: t.to(getattr(torch, dtype)) for name, t in tensors.items()}
+        fp32 = getattr(mapping, "FP32_SUFFIXES", ())  # kept in float32 whatever the dtype (DeepseekV3's routing bias)
+        tensors = {name: t.to(torch.float32 if name.endswith(fp32) else getattr(torch, dtype))
+                   for name, t in tensors.items()}
         vocab = tensors["model.embed_tokens.weight"].shape[0]
     finally:
         megatron_loader.shutdown()
@@ -125,6 +127,8 @@ def convert(args: argparse.Namespace) -> Path:
     print(f"converted {loaded.path} (iteration {loaded.iteration}, trained with {layout(training)}) -> "
           f"{args.output} as {mapping.ARCHITECTURE}")
     print(f"  {len(tensors)} tensors ({dtype}), vocab {vocab}; tokenizer files from {folder}: {', '.join(copied)}")
+    for note in getattr(mapping, "notes", lambda _: [])(training):
+        print(f"  note: {note}")
     return args.output
 
 
