@@ -193,7 +193,10 @@ def train_step(
 
 
 def evaluate(args: argparse.Namespace, model: list, iterators, device) -> float | None:
-    """Mean validation token loss over --eval-iters global batches (last pipeline stage only)."""
+    """Mean validation token loss over --eval-iters global batches (last pipeline stage only); None for
+    --eval-iters 0 (no validation, as in Megatron-LM)."""
+    if not args.eval_iters:
+        return None
     for chunk in model:
         chunk.eval()
     totals = []

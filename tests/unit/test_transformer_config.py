@@ -153,3 +153,10 @@ def test_moe_arguments_are_implemented_and_flex_dispatcher_is_not() -> None:
             "mtp_num_layers", "decoder_first_pipeline_num_layers", "use_rope_scaling",
             "moe_expert_capacity_factor", "moe_token_drop_policy"} <= keys  # fmt: skip
     assert arguments.implemented_choices("moe_token_dispatcher_type") == ("allgather", "alltoall")
+
+
+def test_eval_iters_zero_means_no_validation() -> None:
+    """Megatron-LM skips validation for --eval-iters 0; the final validation must not index an empty list."""
+    from flagscale.train.steps import evaluate
+
+    assert evaluate(argparse.Namespace(eval_iters=0), [], iter(()), torch.device("cpu")) is None
