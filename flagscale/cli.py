@@ -22,8 +22,8 @@ import click
 from flagscale.config.loader import load_job_config
 from flagscale.exceptions import FlagScaleError, JobRecordError
 from flagscale.main import compose_config, run_job
-from flagscale.record import load_record, record_path
 from flagscale.runner.base import REPO_ROOT
+from flagscale.spec.record import load_record, record_path
 
 
 def examples_dir() -> Path:
@@ -147,10 +147,10 @@ def logs(target: str | None, follow: bool, lines: int) -> None:
 
 
 def show_logs(exp_dir: Path, follow: bool, lines: int) -> int:
-    from flagscale.runner.actions import make_launcher
+    from flagscale.launcher.launcher import Launcher
 
     record = load_record(exp_dir)
-    launcher = make_launcher(record.settings)
+    launcher = Launcher.from_settings(record.settings)
     argv = ["tail", "-n", str(lines), *(["-F"] if follow else [])]
     prefix = len(record.hosts) > 1
 

@@ -26,9 +26,9 @@ from flagscale.config.flatten import flatten_leaves
 from flagscale.config.loader import ConfigSource, JobConfig
 from flagscale.exceptions import FlagScaleError
 from flagscale.launcher.launcher import Launcher
-from flagscale.record import HostRecord, JobRecord, JobState
 from flagscale.runner import actions
 from flagscale.runner.metrics import parse_metrics
+from flagscale.spec.record import HostRecord, JobRecord, JobState
 
 # What every trial sets, whatever the user's config says (None: the flag is left out).
 TRIAL_FIXED: dict[str, Any] = {
@@ -110,7 +110,7 @@ def run_trial(run: TrialRun, control: ControlConfig, time_limit_s: float,
         if (run.exp_dir / "job.json").is_file():
             actions.stop_job(run.exp_dir)
         raise
-    with actions.make_launcher(record.settings) as launcher:
+    with Launcher.from_settings(record.settings) as launcher:
         try:
             state, timed_out = _watch(launcher, record, began, time_limit_s, control.poll_interval_s, on_poll)
         except KeyboardInterrupt:

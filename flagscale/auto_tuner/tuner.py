@@ -36,9 +36,10 @@ from flagscale.auto_tuner.workload import Workload, parse_train_args, program_pr
 from flagscale.config.hostfile import Host
 from flagscale.config.loader import JobConfig, select_hosts
 from flagscale.exceptions import ConfigError, FlagScaleError
-from flagscale.record import JobState, load_record
+from flagscale.launcher.launcher import Launcher
 from flagscale.runner import actions
 from flagscale.runner.base import PlanContext
+from flagscale.spec.record import JobState, load_record
 
 console = actions.console
 
@@ -285,7 +286,7 @@ def stop_orphan_trials(directory: Path, history: History) -> None:
             continue
         try:
             record = load_record(trial_dir)
-            with actions.make_launcher(record.settings) as launcher:
+            with Launcher.from_settings(record.settings) as launcher:
                 state = launcher.job_state(record)
         except FlagScaleError:
             continue

@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 
 from flagscale.config.hostfile import Host
 from flagscale.exceptions import FlagScaleError, LaunchError
-from flagscale.launcher.private import SCRIPT_MODE, private_dirs, write_private
 from flagscale.launcher.transport import SSHSettings, Transport, open_transport
-from flagscale.record import HostRecord, JobRecord, JobState
-from flagscale.runner.plan import Plan, ProcessSpec, render_script
+from flagscale.spec.plan import Plan, ProcessSpec, render_script
+from flagscale.spec.private import SCRIPT_MODE, private_dirs, write_private
+from flagscale.spec.record import HostRecord, JobRecord, JobState, LauncherSettings
 
 HOSTCTL = Path(__file__).with_name("hostctl.py").read_text()
 START_GRACE_S = 0.5
@@ -60,6 +60,13 @@ class Launcher:
         self.python = python
         self.shared_fs = shared_fs
         self._transports: dict[tuple[str, int | None], Transport] = {}
+
+    @classmethod
+    def from_settings(cls, settings: LauncherSettings) -> Launcher:
+        """The launcher a job record's settings describe."""
+        ssh = SSHSettings(port=settings.ssh_port, strict_host_key_checking=settings.strict_host_key_checking,
+                          connect_timeout=settings.connect_timeout)
+        return cls(ssh=ssh, python=settings.python, shared_fs=not settings.no_shared_fs)
 
     def transport(self, host: Host) -> Transport:
         key = (host.name, host.port)

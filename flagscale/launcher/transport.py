@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from flagscale.config.hostfile import Host
 from flagscale.exceptions import LaunchError
-from flagscale.launcher.private import DIR_MODE, FILE_MODE, private_dirs, write_private
+from flagscale.spec.private import DIR_MODE, FILE_MODE, private_dirs, write_private
 
 if TYPE_CHECKING:  # imported where used: a dryrun on this machine alone needs no SSH library
     import paramiko

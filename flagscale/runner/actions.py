@@ -18,12 +18,11 @@ from rich.table import Table
 from flagscale.config.loader import JobConfig, select_hosts, unused_variable_error
 from flagscale.exceptions import ConfigError, FlagScaleError, JobRecordError, LaunchError
 from flagscale.launcher.launcher import Launcher, job_state
-from flagscale.launcher.private import SCRIPT_MODE, private_dirs, write_private
-from flagscale.launcher.transport import SSHSettings
-from flagscale.record import JobRecord, JobState, load_record, record_path
 from flagscale.runner.base import PlanContext, TaskRunner, runner_for
 from flagscale.runner.metrics import HostsUnreachable, MetricsSummary, describe, follow_progress, read_metrics
-from flagscale.runner.plan import Plan, ReadyCheck, render_script
+from flagscale.spec.plan import Plan, ReadyCheck, render_script
+from flagscale.spec.private import SCRIPT_MODE, private_dirs, write_private
+from flagscale.spec.record import JobRecord, JobState, LauncherSettings, load_record, record_path
 
 console = Console(highlight=False, soft_wrap=True)
 FOLLOW_INTERVAL_S = 2.0
@@ -55,24 +54,18 @@ def prepare(job: JobConfig) -> tuple[TaskRunner, PlanContext]:
     return runner, ctx
 
 
-def launcher_settings(job: JobConfig) -> dict:
+def launcher_settings(job: JobConfig) -> LauncherSettings:
     """What a launcher needs; kept in the job record so stop/query need no config."""
     runner = job.experiment.runner
-    return {"ssh_port": runner.ssh_port, "strict_host_key_checking": runner.ssh_strict_host_key_checking,
-            "connect_timeout": runner.ssh_connect_timeout, "no_shared_fs": runner.no_shared_fs,
-            "stop_timeout": runner.stop_timeout, "python": job.python}
-
-
-def make_launcher(settings: dict) -> Launcher:
-    ssh = SSHSettings(port=settings["ssh_port"], strict_host_key_checking=settings["strict_host_key_checking"],
-                      connect_timeout=settings["connect_timeout"])
-    return Launcher(ssh=ssh, python=settings["python"], shared_fs=not settings["no_shared_fs"])
+    return LauncherSettings(ssh_port=runner.ssh_port, strict_host_key_checking=runner.ssh_strict_host_key_checking,
+                            connect_timeout=runner.ssh_connect_timeout, no_shared_fs=runner.no_shared_fs,
+                            stop_timeout=runner.stop_timeout, python=job.python)
 
 
 def dryrun(job: JobConfig) -> int:
     runner, ctx = prepare(job)
     plan = runner.plan(ctx)
-    launcher = make_launcher(launcher_settings(job))
+    launcher = Launcher.from_settings(launcher_settings(job))
     private_dirs(plan.log_dir, plan.scripts_dir)
     for spec in plan.processes:
         path = Path(plan.script_path(spec))
@@ -117,7 +110,7 @@ def launch(job: JobConfig) -> JobRecord:
     """Plan, check nothing is running there already, start on every host, and record the job."""
     runner, ctx = prepare(job)
     _refuse_if_running(job)
-    with make_launcher(launcher_settings(job)) as launcher:
+    with Launcher.from_settings(launcher_settings(job)) as launcher:
         facts = launcher.connect_all(ctx.hosts, ctx.hosts[0], ctx.master_port, ctx.job_device_env)
         ctx.master_port = facts.port
         _use_host_devices(runner, ctx, facts.devices)
@@ -132,7 +125,7 @@ def launch(job: JobConfig) -> JobRecord:
             if plan.ready is not None:
                 _wait_ready(launcher, record, plan.ready)
         except BaseException:  # Ctrl-C or any error before the launch is complete: stop what started
-            launcher.roll_back(record, record.settings["stop_timeout"])
+            launcher.roll_back(record, record.settings.stop_timeout)
             raise
     return record
 
@@ -164,7 +157,7 @@ def _wait_ready(launcher: Launcher, record: JobRecord, ready: ReadyCheck) -> Non
                 return
             state = launcher.job_state(record)
             if state.is_terminal() or time.time() > deadline:
-                launcher.stop(record, record.settings["stop_timeout"])
+                launcher.stop(record, record.settings.stop_timeout)
                 record.save()
                 why = f"the job is {state.value}" if state.is_terminal() else f"not ready after {ready.timeout_s:.0f}s"
                 raise LaunchError(f"{why}: {pending[0]} does not answer; stopped the job. Last lines of "
@@ -185,16 +178,16 @@ def test(job: JobConfig) -> int:
     """Run in the foreground: progress until the job ends; Ctrl-C stops it. Exit code = the job's."""
     record = launch(job)
     console.print(f"started {record.run_id}; log: {record.hosts[0].log_path}")
-    with make_launcher(record.settings) as launcher:
+    with Launcher.from_settings(record.settings) as launcher:
         try:
             state = _follow(launcher, record)
         except KeyboardInterrupt:
             console.print("interrupted: stopping the job")
-            launcher.stop(record, record.settings["stop_timeout"])
+            launcher.stop(record, record.settings.stop_timeout)
             record.save()
             return 130
         except HostsUnreachable as lost:
-            launcher.stop(record, record.settings["stop_timeout"])
+            launcher.stop(record, record.settings.stop_timeout)
             record.save()
             _explain_unreachable(f"python run.py {_config_args(job)} action=stop", lost, stopped_others=True)
             return 1
@@ -260,8 +253,8 @@ def stop_job(exp_dir: str | Path) -> int:
     if all(h.stopped_at is not None for h in record.hosts):
         console.print(f"job {record.run_id}: already stopped; nothing to do")
         return 0
-    with make_launcher(record.settings) as launcher:
-        results = launcher.stop(record, record.settings["stop_timeout"])
+    with Launcher.from_settings(record.settings) as launcher:
+        results = launcher.stop(record, record.settings.stop_timeout)
         launcher.collect_logs(record)
     record.save()
     failed = 0
@@ -285,7 +278,7 @@ def query(job: JobConfig) -> int:
 def query_job(exp_dir: str | Path) -> int:
     """Print each host's state once, with progress from the metrics file."""
     record = load_record(exp_dir)
-    with make_launcher(record.settings) as launcher:
+    with Launcher.from_settings(record.settings) as launcher:
         statuses = launcher.status(record)
         summary = _metrics(launcher, record)
     state = job_state(statuses, record.stop_requested_at is not None)
@@ -310,7 +303,7 @@ def query_job(exp_dir: str | Path) -> int:
 def watch_job(exp_dir: str | Path) -> int:
     """Live progress of a recorded job until it ends (Ctrl-C leaves it running)."""
     record = load_record(exp_dir)
-    with make_launcher(record.settings) as launcher:
+    with Launcher.from_settings(record.settings) as launcher:
         try:
             state = _follow(launcher, record)
         except KeyboardInterrupt:
@@ -336,7 +329,7 @@ def _refuse_if_running(job: JobConfig) -> None:
         previous = load_record(job.exp_dir)
     except JobRecordError:
         return
-    with make_launcher(previous.settings) as launcher:
+    with Launcher.from_settings(previous.settings) as launcher:
         state = launcher.job_state(previous)
     if state in (JobState.RUNNING, JobState.UNKNOWN):
         raise FlagScaleError(

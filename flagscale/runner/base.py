@@ -14,7 +14,7 @@ from flagscale.config.hostfile import Host
 from flagscale.config.loader import JobConfig
 from flagscale.exceptions import ConfigError
 from flagscale.launcher.hostctl import VISIBLE_DEVICE_VARS, visible_devices
-from flagscale.runner.plan import Plan
+from flagscale.spec.plan import Plan
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from flagscale.exceptions import ConfigError
 from flagscale.inference.run_inference import PROMPT_SOURCES, InferenceConfig, VllmNames, parse_config
 from flagscale.runner.base import PlanContext, TaskRunner
-from flagscale.runner.plan import Plan, ProcessSpec
+from flagscale.spec.plan import Plan, ProcessSpec
 
 PROGRAM = "flagscale.inference.run_inference"
 T = TypeVar("T")

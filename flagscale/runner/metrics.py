@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from flagscale.exceptions import LaunchError
-from flagscale.record import JobState
+from flagscale.spec.record import JobState
 
 
 class HostsUnreachable(LaunchError):

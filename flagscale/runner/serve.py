@@ -16,10 +16,10 @@ from typing import Any
 from flagscale.config.hostfile import Host
 from flagscale.exceptions import ConfigError
 from flagscale.runner.base import PlanContext, TaskRunner
-from flagscale.runner.plan import Plan, PortCheck, ProcessSpec, ReadyCheck
 from flagscale.serve.deployment import Deployment, Resources, parse_deployments
 from flagscale.serve.engine import Endpoint, endpoint, server_argv
 from flagscale.serve.ray_cluster import DRYRUN_PORT, RayCluster
+from flagscale.spec.plan import Plan, PortCheck, ProcessSpec, ReadyCheck
 
 
 class ServeRunner(TaskRunner):

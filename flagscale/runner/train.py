@@ -16,7 +16,7 @@ from flagscale.config.schema import unknown_key_message
 from flagscale.config.vocabulary import Argument, category, coerce, megatron_arguments
 from flagscale.exceptions import ConfigError
 from flagscale.runner.base import REPO_ROOT, PlanContext, TaskRunner
-from flagscale.runner.plan import Plan, ProcessSpec
+from flagscale.spec.plan import Plan, ProcessSpec
 from flagscale.train import arguments as megatron_args
 
 DEFAULT_ENTRYPOINT = "flagscale/train/train_gpt.py"

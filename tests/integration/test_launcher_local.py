@@ -18,9 +18,9 @@ from flagscale.config.hostfile import LOCALHOST
 from flagscale.exceptions import LaunchError
 from flagscale.launcher.launcher import Launcher, job_state
 from flagscale.launcher.transport import LocalTransport, SSHSettings
-from flagscale.record import JobState, load_record
 from flagscale.runner import actions
-from flagscale.runner.plan import Plan, ProcessSpec
+from flagscale.spec.plan import Plan, ProcessSpec
+from flagscale.spec.record import JobState, LauncherSettings, load_record
 from tests.conftest import group_members, pids_alive, tiny_overrides
 from tests.helpers.jobs import SLEEPER, sleeper_overrides, tiny_job, wait_for
 
@@ -42,8 +42,7 @@ def _plan(tmp_path: Path, argv: list[str]) -> Plan:
     return Plan(task_type="train", exp_dir=str(tmp_path), run_id="run1", log_dir=str(log_dir), processes=[spec])
 
 
-SETTINGS = {"ssh_port": None, "strict_host_key_checking": True, "connect_timeout": 10.0, "no_shared_fs": False,
-            "stop_timeout": 2.0, "python": sys.executable}
+SETTINGS = LauncherSettings(stop_timeout=2.0, python=sys.executable)
 
 
 def _record_base(plan: Plan) -> dict:

@@ -17,7 +17,7 @@ from flagscale.exceptions import ConfigError
 from flagscale.inference import run_inference
 from flagscale.inference.run_inference import VllmNames, parse_config, prompts_of
 from flagscale.runner.actions import prepare
-from flagscale.runner.plan import Plan
+from flagscale.spec.plan import Plan
 from tests.conftest import REPO, run_py
 from tests.helpers.jobs import dryrun_scripts
 from tests.helpers.requires import needs

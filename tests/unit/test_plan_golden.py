@@ -13,7 +13,7 @@ import pytest
 from flagscale.config.loader import load_job_config, select_hosts
 from flagscale.main import compose_config
 from flagscale.runner.base import PlanContext, runner_for
-from flagscale.runner.plan import render_script
+from flagscale.spec.plan import render_script
 from tests.conftest import REPO
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"

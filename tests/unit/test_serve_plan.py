@@ -13,11 +13,11 @@ import pytest
 
 from flagscale.config.hostfile import LOCALHOST, Host
 from flagscale.exceptions import ConfigError
-from flagscale.runner.plan import Plan, ProcessSpec
 from flagscale.serve.deployment import Resources, parse_deployments
 from flagscale.serve.engine import endpoint, server_argv
 from flagscale.serve.overrides import hydra_value, parse_engine_args, serve_overrides
 from flagscale.serve.ray_cluster import RayCluster
+from flagscale.spec.plan import Plan, ProcessSpec
 from tests.conftest import REPO, run_py
 from tests.helpers.jobs import dryrun_scripts
 

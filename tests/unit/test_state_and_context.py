@@ -12,8 +12,8 @@ from flagscale.config.schema import ExperimentConfig, build
 from flagscale.exceptions import ConfigError
 from flagscale.launcher.launcher import HostStatus, job_state
 from flagscale.main import compose_config
-from flagscale.record import JobState
 from flagscale.runner.base import PlanContext
+from flagscale.spec.record import JobState
 from tests.conftest import REPO
 
 H = Host(name="h", slots=1)

@@ -12,7 +12,7 @@ from typing import Any
 
 from flagscale.config.hostfile import Host
 from flagscale.exceptions import JobRecordError
-from flagscale.launcher.private import write_private
+from flagscale.spec.private import write_private
 
 RECORD_VERSION = 2
 """2: each host's process start time and pid file. Version 1 records load (without them: the host controller
@@ -29,6 +29,31 @@ class JobState(str, Enum):
 
     def is_terminal(self) -> bool:
         return self in (JobState.COMPLETED, JobState.FAILED, JobState.STOPPED)
+
+
+SETTINGS_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LauncherSettings:
+    """How to reach the job's hosts again (from experiment.runner); kept in job.json so stop/query need no config."""
+
+    python: str
+    """The interpreter that runs the host controller on every host."""
+    ssh_port: int | None = None
+    strict_host_key_checking: bool = True
+    connect_timeout: float = 10.0
+    no_shared_fs: bool = False
+    stop_timeout: float = 15.0
+    """Seconds between SIGTERM and SIGKILL when stopping."""
+    version: int = SETTINGS_VERSION
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LauncherSettings:
+        """From job.json; records written before the settings had a version are version 1."""
+        if data.get("version", SETTINGS_VERSION) != SETTINGS_VERSION:
+            raise TypeError(f"launcher settings version {data.get('version')} (this one reads {SETTINGS_VERSION})")
+        return cls(**data)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -57,7 +82,7 @@ class JobRecord:
     log_dir: str
     created_at: float
     hosts: list[HostRecord]
-    settings: dict[str, Any]
+    settings: LauncherSettings
     master_addr: str
     master_port: int | None
     after_stop: list[str] = field(default_factory=list)
@@ -95,6 +120,7 @@ def load_record(exp_dir: str | Path) -> JobRecord:
         data["hosts"] = [
             HostRecord(**{**h, "host": Host(**h["host"])}) for h in data["hosts"]
         ]
+        data["settings"] = LauncherSettings.from_json(data["settings"])
         return JobRecord(**data)
     except (ValueError, KeyError, TypeError) as err:
         raise JobRecordError(f"{path} is not a readable job record ({err}); remove it to start afresh") from None
