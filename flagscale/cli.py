@@ -62,7 +62,7 @@ def _launch(task: str, model: str, args: tuple[str, ...], action: str) -> int:
 def _target_exp_dir(target: str | None) -> Path:
     """An exp dir, a model name (its default train config's exp_dir), or the last job."""
     if target is None:
-        from flagscale.runner.actions import state_dir
+        from flagscale.jobs import state_dir
 
         last = state_dir() / "last_job"
         if not last.is_file():

@@ -6,6 +6,7 @@ the tuner when called."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -14,8 +15,8 @@ if TYPE_CHECKING:
 __all__ = ["auto_tune"]
 
 
-def auto_tune(job: JobConfig) -> int:
-    """Entry point of action=auto_tune."""
+def auto_tune(job: JobConfig, run_job: Callable[[JobConfig], int] | None = None) -> int:
+    """Entry point of action=auto_tune; `run_job` starts the best configuration when control.run_best is set."""
     from flagscale.auto_tuner.tuner import auto_tune as run
 
-    return run(job)
+    return run(job, run_job)

@@ -1,6 +1,6 @@
 """One trial: the user's job with a candidate's train.* values, run through the same runner and
-launcher as any job (`actions.launch`), watched with `Launcher.status`, stopped with
-`actions.stop_job` when it runs out of time, and judged from its metrics.jsonl.
+launcher as any job (`jobs.launch`), watched with `Launcher.status`, stopped with
+`jobs.stop` when it runs out of time, and judged from its metrics.jsonl.
 
 A trial is the user's run cut short: `control.iterations` iterations, one log line per iteration,
 one validation batch at the end, no checkpoints saved or loaded, and the learning-rate schedule of
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flagscale import jobs
 from flagscale.auto_tuner.config import ControlConfig
 from flagscale.auto_tuner.history import TrialResult, TrialStatus
 from flagscale.auto_tuner.space import Candidate
@@ -26,7 +27,6 @@ from flagscale.config.flatten import flatten_leaves
 from flagscale.config.loader import ConfigSource, JobConfig
 from flagscale.exceptions import FlagScaleError
 from flagscale.launcher.launcher import Launcher
-from flagscale.runner import actions
 from flagscale.runner.metrics import parse_metrics
 from flagscale.spec.record import HostRecord, JobRecord, JobState
 
@@ -103,18 +103,18 @@ def run_trial(run: TrialRun, control: ControlConfig, time_limit_s: float,
     """Launch, watch until the end or the time limit, and judge the trial. Ctrl-C stops it and re-raises."""
     began = time.time()
     try:
-        record = actions.launch(run.job)
+        record = jobs.launch(run.job)
     except FlagScaleError as err:
         return _result(run, began, status=TrialStatus.FAILED, reason=f"launch failed: {_first_line(str(err))}")
     except KeyboardInterrupt:
         if (run.exp_dir / "job.json").is_file():
-            actions.stop_job(run.exp_dir)
+            jobs.stop(run.exp_dir)
         raise
     with Launcher.from_settings(record.settings) as launcher:
         try:
             state, timed_out = _watch(launcher, record, began, time_limit_s, control.poll_interval_s, on_poll)
         except KeyboardInterrupt:
-            actions.stop_job(run.exp_dir)
+            jobs.stop(run.exp_dir)
             raise
         return _judge(run, launcher, record, began, state, timed_out, control)
 
@@ -126,7 +126,7 @@ def _watch(launcher: Launcher, record: JobRecord, began: float, limit_s: float, 
         if state.is_terminal():
             return state, False
         if time.time() - began > limit_s:
-            actions.stop_job(record.exp_dir)
+            jobs.stop(record.exp_dir)
             return state, True
         events = _train_events(launcher, record)
         on_poll(f"iteration {events[-1]['iteration']}" if events else "starting")

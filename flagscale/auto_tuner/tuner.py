@@ -11,10 +11,14 @@ import shlex
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
+from flagscale import jobs
 from flagscale.auto_tuner import rules
 from flagscale.auto_tuner.config import AutoTunerConfig, load_tuner_config
 from flagscale.auto_tuner.cost import PROFILES, Predictor
@@ -37,11 +41,11 @@ from flagscale.config.hostfile import Host
 from flagscale.config.loader import JobConfig, select_hosts
 from flagscale.exceptions import ConfigError, FlagScaleError
 from flagscale.launcher.launcher import Launcher
-from flagscale.runner import actions
 from flagscale.runner.base import PlanContext
 from flagscale.spec.record import JobState, load_record
 
-console = actions.console
+console = Console(highlight=False, soft_wrap=True)
+RunJob = Callable[[JobConfig], int]
 
 
 def world_size(job: JobConfig, hosts: list[Host]) -> int:
@@ -76,11 +80,13 @@ class Plan:
 class Tuner:
     """One auto-tuning session over the job `base`."""
 
-    def __init__(self, base: JobConfig) -> None:
+    def __init__(self, base: JobConfig, run_job: RunJob | None = None) -> None:
         if base.experiment.task.type != "train":
             raise ConfigError(f"action=auto_tune tunes training jobs; experiment.task.type is "
                               f"{base.experiment.task.type}")
         self.base = base
+        self.run_job = run_job
+        """How `control.run_best` starts the best configuration (run.py's `run`, which prints how to follow it)."""
         self.config: AutoTunerConfig = load_tuner_config(base.experiment.auto_tuner)
         self.hosts = select_hosts(base)
         self.world = world_size(base, self.hosts)
@@ -227,7 +233,14 @@ class Tuner:
         console.print(f"  run it: python run.py --config-path {shlex.quote(str(best_path.parent))} "
                       "--config-name best action=run")
         if self.config.control.run_best and not reason.startswith("interrupted"):
-            return actions.run(self.best_job(best))
+            return self._run_best(self.best_job(best))
+        return 0
+
+    def _run_best(self, best_job: JobConfig) -> int:
+        if self.run_job is not None:
+            return self.run_job(best_job)
+        record = jobs.launch(best_job)
+        console.print(f"started the best configuration: job {record.run_id}, log {record.hosts[0].log_path}")
         return 0
 
     def _rank(self, r: TrialResult) -> tuple[int, float, int]:
@@ -292,9 +305,9 @@ def stop_orphan_trials(directory: Path, history: History) -> None:
             continue
         if state in (JobState.RUNNING, JobState.UNKNOWN):
             console.print(f"stopping {trial_dir.name}, left running by an interrupted session")
-            actions.stop_job(trial_dir)
+            jobs.stop(trial_dir)
 
 
-def auto_tune(job: JobConfig) -> int:
-    """Entry point of action=auto_tune."""
-    return Tuner(job).run()
+def auto_tune(job: JobConfig, run_job: RunJob | None = None) -> int:
+    """Entry point of action=auto_tune; `run_job` starts the best configuration when control.run_best is set."""
+    return Tuner(job, run_job).run()

@@ -3,26 +3,20 @@ dryrun is literally the first half of run: the same plan, rendered and written, 
 
 from __future__ import annotations
 
-import os
-import re
 import shlex
 import time
-import urllib.request
-import uuid
 from pathlib import Path
 
-from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from flagscale.config.loader import JobConfig, select_hosts, unused_variable_error
-from flagscale.exceptions import ConfigError, FlagScaleError, JobRecordError, LaunchError
+from flagscale import jobs
+from flagscale.config.loader import JobConfig
 from flagscale.launcher.launcher import Launcher, job_state
-from flagscale.runner.base import PlanContext, TaskRunner, runner_for
-from flagscale.runner.metrics import HostsUnreachable, MetricsSummary, describe, follow_progress, read_metrics
-from flagscale.spec.plan import Plan, ReadyCheck, render_script
+from flagscale.runner.metrics import HostsUnreachable, MetricsSummary, describe, follow_progress
+from flagscale.spec.plan import render_script
 from flagscale.spec.private import SCRIPT_MODE, private_dirs, write_private
-from flagscale.spec.record import JobRecord, JobState, LauncherSettings, load_record, record_path
+from flagscale.spec.record import JobRecord, JobState, load_record
 
 console = Console(highlight=False, soft_wrap=True)
 FOLLOW_INTERVAL_S = 2.0
@@ -37,35 +31,10 @@ def dispatch(job: JobConfig) -> int:
     return handlers[job.action](job)
 
 
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-
-
-def prepare(job: JobConfig) -> tuple[TaskRunner, PlanContext]:
-    """Validate everything that can be validated before a process starts."""
-    hosts = select_hosts(job)
-    runner = runner_for(job.experiment.task.type)
-    ctx = PlanContext(job=job, hosts=hosts, run_id=new_run_id(), master_port=job.experiment.runner.master_port,
-                      notes=list(job.notes))
-    runner.validate(ctx)
-    unused = unused_variable_error(job)
-    if unused:
-        raise ConfigError(unused)
-    return runner, ctx
-
-
-def launcher_settings(job: JobConfig) -> LauncherSettings:
-    """What a launcher needs; kept in the job record so stop/query need no config."""
-    runner = job.experiment.runner
-    return LauncherSettings(ssh_port=runner.ssh_port, strict_host_key_checking=runner.ssh_strict_host_key_checking,
-                            connect_timeout=runner.ssh_connect_timeout, no_shared_fs=runner.no_shared_fs,
-                            stop_timeout=runner.stop_timeout, python=job.python)
-
-
 def dryrun(job: JobConfig) -> int:
-    runner, ctx = prepare(job)
+    runner, ctx = jobs.prepare(job)
     plan = runner.plan(ctx)
-    launcher = Launcher.from_settings(launcher_settings(job))
+    launcher = Launcher.from_settings(jobs.launcher_settings(job))
     private_dirs(plan.log_dir, plan.scripts_dir)
     for spec in plan.processes:
         path = Path(plan.script_path(spec))
@@ -88,6 +57,13 @@ def dryrun(job: JobConfig) -> int:
     return 0
 
 
+def launch(job: JobConfig) -> JobRecord:
+    """jobs.launch, with its notes printed and a spinner while a server comes up."""
+    with console.status("launching") as spinner:
+        return jobs.launch(job, on_note=lambda note: console.print(f"note: {note}", markup=False),
+                           on_wait=spinner.update)
+
+
 def run(job: JobConfig) -> int:
     record = launch(job)
     first = record.hosts[0]
@@ -99,79 +75,11 @@ def run(job: JobConfig) -> int:
         console.print(f"  serving {name}: {url}")
     if record.info.get("output_path"):
         console.print(f"  results: {record.info['output_path']}")
-    config_arg = _config_args(job)
+    config_arg = jobs.config_args(job)
     console.print(f"  follow: tail -f {shlex.quote(first.log_path)}   (or: flagscale logs -f {record.exp_dir})")
     console.print(f"  query:  python run.py {config_arg} action=query")
     console.print(f"  stop:   python run.py {config_arg} action=stop")
     return 0
-
-
-def launch(job: JobConfig) -> JobRecord:
-    """Plan, check nothing is running there already, start on every host, and record the job."""
-    runner, ctx = prepare(job)
-    _refuse_if_running(job)
-    with Launcher.from_settings(launcher_settings(job)) as launcher:
-        facts = launcher.connect_all(ctx.hosts, ctx.hosts[0], ctx.master_port, ctx.job_device_env)
-        ctx.master_port = facts.port
-        _use_host_devices(runner, ctx, facts.devices)
-        plan = runner.plan(ctx)
-        for note in plan.notes:
-            console.print(f"note: {note}")
-        _check_ports(launcher, plan)
-        _save_config(job, plan)
-        record = launcher.launch(plan, _record_base(job, plan))
-        try:
-            remember_last_job(record.exp_dir)
-            if plan.ready is not None:
-                _wait_ready(launcher, record, plan.ready)
-        except BaseException:  # Ctrl-C or any error before the launch is complete: stop what started
-            launcher.roll_back(record, record.settings.stop_timeout)
-            raise
-    return record
-
-
-def _use_host_devices(runner: TaskRunner, ctx: PlanContext, devices: dict) -> None:
-    """Cap processes by the devices each host itself sees; if that changes them, validate the layout again."""
-    before = [ctx.nproc(h) for h in ctx.hosts]
-    ctx.host_devices = devices
-    if [ctx.nproc(h) for h in ctx.hosts] != before:
-        ctx.notes = list(ctx.job.notes)
-        runner.validate(ctx)
-
-
-def _check_ports(launcher: Launcher, plan: Plan) -> None:
-    """Every port the plan listens on must be free on its host (hostctl `port`), before anything starts."""
-    for check in plan.ports_to_check:
-        answer = launcher.hostctl(check.host, "port", str(check.port))
-        if "error" in answer:
-            raise LaunchError(f"host {check.host.name}: {answer['error']}; nothing was started. {check.fix}")
-
-
-def _wait_ready(launcher: Launcher, record: JobRecord, ready: ReadyCheck) -> None:
-    """Wait until every ready URL answers; if the job dies or the time runs out, stop it and explain."""
-    deadline = time.time() + ready.timeout_s
-    with console.status(f"waiting for {', '.join(ready.urls)}") as spinner:
-        while True:
-            pending = [url for url in ready.urls if not _answers(url)]
-            if not pending:
-                return
-            state = launcher.job_state(record)
-            if state.is_terminal() or time.time() > deadline:
-                launcher.stop(record, record.settings.stop_timeout)
-                record.save()
-                why = f"the job is {state.value}" if state.is_terminal() else f"not ready after {ready.timeout_s:.0f}s"
-                raise LaunchError(f"{why}: {pending[0]} does not answer; stopped the job. Last lines of "
-                                  f"{record.hosts[0].log_path}:\n{_tail(record.hosts[0].log_path)}")
-            spinner.update(f"waiting for {pending[0]} ({time.time() - record.created_at:.0f}s)")
-            time.sleep(1.0)
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (OSError, ValueError):
-        return False
 
 
 def test(job: JobConfig) -> int:
@@ -189,12 +97,11 @@ def test(job: JobConfig) -> int:
         except HostsUnreachable as lost:
             launcher.stop(record, record.settings.stop_timeout)
             record.save()
-            _explain_unreachable(f"python run.py {_config_args(job)} action=stop", lost, stopped_others=True)
+            _explain_unreachable(f"python run.py {jobs.config_args(job)} action=stop", lost, stopped_others=True)
             return 1
-        statuses = launcher.status(record)
-        summary = _metrics(launcher, record)
+        final = jobs.status_of(launcher, record)
         launcher.collect_logs(record)
-    return _finish(record, state, statuses, summary)
+    return _finish(record, state, final.hosts, final.metrics)
 
 
 def _follow(launcher: Launcher, record: JobRecord) -> JobState:
@@ -205,7 +112,7 @@ def _follow(launcher: Launcher, record: JobRecord) -> JobState:
         problems = [_named(s.host.name, s.error) for s in statuses if s.error]
         return job_state(statuses, record.stop_requested_at is not None), problems
 
-    return follow_progress(console, lambda: _metrics(launcher, record), poll, interval=FOLLOW_INTERVAL_S,
+    return follow_progress(console, lambda: jobs.metrics(launcher, record), poll, interval=FOLLOW_INTERVAL_S,
                            give_up_s=UNREACHABLE_GIVE_UP_S)
 
 
@@ -221,15 +128,6 @@ def _explain_unreachable(retry: str, lost: HostsUnreachable, stopped_others: boo
                       f"the job: {retry}", markup=False)
 
 
-def _metrics(launcher: Launcher, record: JobRecord) -> MetricsSummary | None:
-    """The job's metrics so far; None if there are none yet or the host that holds them does not answer."""
-    path = record.info.get("metrics_file")
-    try:
-        return read_metrics(launcher.read_text(record, path)) if path else None
-    except FlagScaleError:
-        return None
-
-
 def _finish(record: JobRecord, state: JobState, statuses: list, summary: MetricsSummary | None) -> int:
     console.print(f"job {record.run_id}: {state.value}; {describe(summary)}")
     if state is JobState.COMPLETED:
@@ -238,7 +136,7 @@ def _finish(record: JobRecord, state: JobState, statuses: list, summary: Metrics
         if status.state is JobState.FAILED:
             console.print(f"host {status.host.name} failed (exit {status.exit_code}); last lines of "
                           f"{host_record.log_path}:")
-            console.print(_tail(host_record.log_path), markup=False)
+            console.print(jobs.log_tail(host_record.log_path), markup=False)
     codes = [s.exit_code for s in statuses if s.exit_code]
     return codes[0] if codes else 1
 
@@ -248,27 +146,24 @@ def stop(job: JobConfig) -> int:
 
 
 def stop_job(exp_dir: str | Path) -> int:
-    """Stop the job recorded in exp_dir on every host; a later call retries hosts not reached."""
-    record = load_record(exp_dir)
-    if all(h.stopped_at is not None for h in record.hosts):
-        console.print(f"job {record.run_id}: already stopped; nothing to do")
+    """Stop the job recorded in exp_dir on every host and say what happened; a later call retries hosts not
+    reached."""
+    report = jobs.stop(exp_dir)
+    run_id = report.record.run_id
+    if report.already_stopped:
+        console.print(f"job {run_id}: already stopped; nothing to do")
         return 0
-    with Launcher.from_settings(record.settings) as launcher:
-        results = launcher.stop(record, record.settings.stop_timeout)
-        launcher.collect_logs(record)
-    record.save()
-    failed = 0
-    for result in results:
+    for result in report.results:
         if result.error:
-            failed += 1
             console.print(f"host {result.host.name}: [red]{result.error}[/] (run stop again to retry)")
         else:
             console.print(f"host {result.host.name}: ended {result.found} process(es)"
                           + (f", {result.killed} needed SIGKILL" if result.killed else ""))
-    ended = not failed and all(r.found == 0 for r in results)
-    outcome = "had already ended; nothing was signalled" if ended else "stopped"
-    console.print(f"job {record.run_id}: " + (outcome if not failed else f"{failed} host(s) not reached"))
-    return 1 if failed else 0
+    if report.unreached:
+        console.print(f"job {run_id}: {len(report.unreached)} host(s) not reached")
+        return 1
+    console.print(f"job {run_id}: " + ("had already ended; nothing was signalled" if report.had_ended else "stopped"))
+    return 0
 
 
 def query(job: JobConfig) -> int:
@@ -277,11 +172,8 @@ def query(job: JobConfig) -> int:
 
 def query_job(exp_dir: str | Path) -> int:
     """Print each host's state once, with progress from the metrics file."""
-    record = load_record(exp_dir)
-    with Launcher.from_settings(record.settings) as launcher:
-        statuses = launcher.status(record)
-        summary = _metrics(launcher, record)
-    state = job_state(statuses, record.stop_requested_at is not None)
+    now = jobs.status(exp_dir)
+    record, state, statuses, summary = now.record, now.state, now.hosts, now.metrics
     table = Table(title=f"{record.task_type} job {record.run_id}: {state.value}")
     for column in ("host", "state", "pgid", "processes", "elapsed", "exit"):
         table.add_column(column)
@@ -311,80 +203,12 @@ def watch_job(exp_dir: str | Path) -> int:
         except HostsUnreachable as lost:
             _explain_unreachable(f"flagscale stop {shlex.quote(str(record.exp_dir))}", lost, stopped_others=False)
             return 1
-        summary = _metrics(launcher, record)
+        summary = jobs.metrics(launcher, record)
     console.print(f"job {record.run_id}: {state.value}; {describe(summary)}")
     return 0 if state is JobState.COMPLETED else 1
 
 
 def auto_tune(job: JobConfig) -> int:
-    from flagscale.auto_tuner import auto_tune as run_auto_tune  # on demand: the tuner imports this module
+    from flagscale.auto_tuner import auto_tune as run_auto_tune  # on demand: it imports torch-free but large modules
 
-    return run_auto_tune(job)
-
-
-def _refuse_if_running(job: JobConfig) -> None:
-    if not record_path(job.exp_dir).is_file():
-        return
-    try:
-        previous = load_record(job.exp_dir)
-    except JobRecordError:
-        return
-    with Launcher.from_settings(previous.settings) as launcher:
-        state = launcher.job_state(previous)
-    if state in (JobState.RUNNING, JobState.UNKNOWN):
-        raise FlagScaleError(
-            f"job {previous.run_id} in {job.exp_dir} is {state.value}; stop it first "
-            f"(python run.py {_config_args(job)} action=stop) or use another experiment.exp_dir"
-        )
-
-
-def _record_base(job: JobConfig, plan: Plan) -> dict:
-    return {
-        "run_id": plan.run_id, "task_type": plan.task_type, "exp_name": job.experiment.exp_name,
-        "exp_dir": plan.exp_dir, "log_dir": plan.log_dir, "created_at": time.time(),
-        "settings": launcher_settings(job), "master_addr": plan.master_addr, "master_port": plan.master_port,
-        "after_stop": plan.after_stop, "info": plan.info,
-    }
-
-
-def _save_config(job: JobConfig, plan: Plan) -> None:
-    private_dirs(plan.log_dir)
-    write_private(Path(plan.log_dir) / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(job.raw)))
-
-
-def _config_args(job: JobConfig) -> str:
-    source = job.source
-    if source.config_dir is None:
-        return f"experiment.exp_dir={shlex.quote(str(job.exp_dir))}"
-    overrides = [o for o in source.overrides if not o.startswith("action=")]
-    return shlex.join(["--config-path", str(source.config_dir), "--config-name", source.config_name or "",
-                       *overrides])
-
-
-# A rank's own error line in a torchrun log: `[default3]:error: ...` or the last line of a traceback.
-RANK_ERROR = re.compile(r"^\[default\d+\]:((error: .*)|([A-Za-z_.]*(Error|Exception)\b.*))$")
-
-
-def _tail(path: str, lines: int = 15) -> str:
-    """The log's last lines, after the ranks' first distinct error lines when they come earlier (torchrun's
-    failure summary, which ends the log, names no cause)."""
-    try:
-        text = Path(path).read_text(errors="replace").splitlines()
-    except OSError:
-        return "(log not readable here)"
-    errors: list[str] = []
-    for line in text[:-lines]:
-        found = RANK_ERROR.match(line)
-        if found and found.group(1) not in errors:
-            errors.append(found.group(1))
-    shown = [f"  (rank error) {e}" for e in errors[:5]] + (["  ..."] if errors else [])
-    return "\n".join(shown + text[-lines:])
-
-
-def state_dir() -> Path:
-    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "flagscale"
-
-
-def remember_last_job(exp_dir: str) -> None:
-    state_dir().mkdir(parents=True, exist_ok=True)
-    (state_dir() / "last_job").write_text(exp_dir + "\n")
+    return run_auto_tune(job, run_job=run)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from flagscale import jobs
 from flagscale.config.hostfile import LOCALHOST
 from flagscale.exceptions import LaunchError
 from flagscale.launcher.launcher import Launcher, job_state
@@ -179,7 +180,7 @@ def test_interrupt_after_start_stops_the_job(tiny_data: Path, tmp_path: Path, mo
     def interrupted(exp_dir: str) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(actions, "remember_last_job", interrupted)
+    monkeypatch.setattr(jobs, "remember_last_job", interrupted)
     with pytest.raises(KeyboardInterrupt):
         actions.launch(job)
     record = json.loads((tmp_path / "job.json").read_text())

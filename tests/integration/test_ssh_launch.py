@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from flagscale import jobs
 from flagscale.exceptions import LaunchError
 from tests.conftest import TINY_CONF, group_members, pids_alive, run_py, tiny_overrides
 from tests.helpers.jobs import sleeper_overrides, tiny_job, wait_for
@@ -224,7 +225,7 @@ def test_test_action_ends_when_a_host_stays_unreachable(cluster: SSHCluster, tin
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setattr(actions, "FOLLOW_INTERVAL_S", 0.5, raising=False)
     monkeypatch.setattr(actions, "UNREACHABLE_GIVE_UP_S", 3.0, raising=False)
-    monkeypatch.setattr(actions, "remember_last_job", lambda exp_dir: lost.stop())  # once the job has started
+    monkeypatch.setattr(jobs, "remember_last_job", lambda exp_dir: lost.stop())  # once the job has started
     hostfile = cluster.hostfile(tmp_path / "hostfile.txt", servers=[cluster.servers[0], lost])
     job = tiny_job(*tiny_overrides(tiny_data, tmp_path), *sleeper_overrides(tmp_path),
                    f"+experiment.runner.hostfile={hostfile}", "+experiment.runner.ssh_connect_timeout=2", action="test")

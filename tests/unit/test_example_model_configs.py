@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
 from flagscale.config.loader import load_job_config
+from flagscale.jobs import prepare
 from flagscale.main import compose_config
-from flagscale.runner.actions import prepare
 from flagscale.train import arguments
 from flagscale.train.model import transformer_config
 from flagscale.train.runtime import Runtime

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flagscale.runner.actions import _tail
+from flagscale.jobs import log_tail as _tail
 
 SUMMARY = ["torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ", "=" * 60, "train_gpt.py FAILED"]
 SUMMARY += [f"  line {i}" for i in range(20)]

@@ -16,7 +16,7 @@ from flagscale.config.schema import ExperimentConfig, build
 from flagscale.exceptions import ConfigError
 from flagscale.inference import run_inference
 from flagscale.inference.run_inference import VllmNames, parse_config, prompts_of
-from flagscale.runner.actions import prepare
+from flagscale.jobs import prepare
 from flagscale.spec.plan import Plan
 from tests.conftest import REPO, run_py
 from tests.helpers.jobs import dryrun_scripts

@@ -10,8 +10,8 @@ import pytest
 
 from flagscale.config.loader import load_job_config, select_hosts
 from flagscale.exceptions import ConfigError, HostfileError
+from flagscale.jobs import prepare
 from flagscale.main import compose_config
-from flagscale.runner.actions import prepare
 from flagscale.runner.base import PlanContext, runner_for
 from tests.conftest import REPO, run_py
 

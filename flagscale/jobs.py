@@ -1,0 +1,261 @@
+"""Headless job control: prepare, launch, stop and status of a job, returning data and never printing.
+
+`flagscale/runner/actions.py` (run.py's actions) and `flagscale/cli.py` render what these return; the
+auto-tuner launches and stops its trials through them. Long waits report through an optional callback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from flagscale.config.loader import JobConfig, select_hosts, unused_variable_error
+from flagscale.exceptions import ConfigError, FlagScaleError, JobRecordError, LaunchError
+from flagscale.launcher.launcher import HostStatus, Launcher, StopResult, job_state
+from flagscale.runner.base import PlanContext, TaskRunner, runner_for
+from flagscale.runner.metrics import MetricsSummary, read_metrics
+from flagscale.spec.plan import Plan, ReadyCheck
+from flagscale.spec.private import private_dirs, write_private
+from flagscale.spec.record import JobRecord, JobState, LauncherSettings, load_record, record_path
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    """The default progress callback: report nothing."""
+
+
+@dataclass(slots=True)
+class JobStatus:
+    """One look at a recorded job: its state, each host's status (in record order) and the metrics so far."""
+
+    record: JobRecord
+    state: JobState
+    hosts: list[HostStatus]
+    metrics: MetricsSummary | None
+
+
+@dataclass(slots=True)
+class StopReport:
+    """What `stop` did: nothing when every host had already been stopped, else one result per host."""
+
+    record: JobRecord
+    already_stopped: bool
+    results: list[StopResult]
+
+    @property
+    def unreached(self) -> list[StopResult]:
+        return [r for r in self.results if r.error]
+
+    @property
+    def had_ended(self) -> bool:
+        """Every host answered and no process of the job was left to signal."""
+        return not self.unreached and all(r.found == 0 for r in self.results)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def prepare(job: JobConfig) -> tuple[TaskRunner, PlanContext]:
+    """Validate everything that can be validated before a process starts."""
+    hosts = select_hosts(job)
+    runner = runner_for(job.experiment.task.type)
+    ctx = PlanContext(job=job, hosts=hosts, run_id=new_run_id(), master_port=job.experiment.runner.master_port,
+                      notes=list(job.notes))
+    runner.validate(ctx)
+    unused = unused_variable_error(job)
+    if unused:
+        raise ConfigError(unused)
+    return runner, ctx
+
+
+def launcher_settings(job: JobConfig) -> LauncherSettings:
+    """What a launcher needs; kept in the job record so stop/query need no config."""
+    runner = job.experiment.runner
+    return LauncherSettings(ssh_port=runner.ssh_port, strict_host_key_checking=runner.ssh_strict_host_key_checking,
+                            connect_timeout=runner.ssh_connect_timeout, no_shared_fs=runner.no_shared_fs,
+                            stop_timeout=runner.stop_timeout, python=job.python)
+
+
+def launch(job: JobConfig, on_note: Progress = _quiet, on_wait: Progress = _quiet) -> JobRecord:
+    """Plan, check nothing is running there already, start on every host, and record the job. The plan's notes
+    go to `on_note`; waiting for a server to answer reports to `on_wait`. Any failure before the launch is
+    complete (Ctrl-C included) stops what started."""
+    runner, ctx = prepare(job)
+    refuse_if_running(job)
+    with Launcher.from_settings(launcher_settings(job)) as launcher:
+        facts = launcher.connect_all(ctx.hosts, ctx.hosts[0], ctx.master_port, ctx.job_device_env)
+        ctx.master_port = facts.port
+        _use_host_devices(runner, ctx, facts.devices)
+        plan = runner.plan(ctx)
+        for note in plan.notes:
+            on_note(note)
+        _check_ports(launcher, plan)
+        _save_config(job, plan)
+        record = launcher.launch(plan, _record_base(job, plan))
+        try:
+            remember_last_job(record.exp_dir)
+            if plan.ready is not None:
+                _wait_ready(launcher, record, plan.ready, on_wait)
+        except BaseException:  # Ctrl-C or any error before the launch is complete: stop what started
+            launcher.roll_back(record, record.settings.stop_timeout)
+            raise
+    return record
+
+
+def stop(exp_dir: str | Path) -> StopReport:
+    """Stop the job recorded in exp_dir on every host; a later call retries hosts not reached."""
+    record = load_record(exp_dir)
+    if all(h.stopped_at is not None for h in record.hosts):
+        return StopReport(record=record, already_stopped=True, results=[])
+    with Launcher.from_settings(record.settings) as launcher:
+        results = launcher.stop(record, record.settings.stop_timeout)
+        launcher.collect_logs(record)
+    record.save()
+    return StopReport(record=record, already_stopped=False, results=results)
+
+
+def status(exp_dir: str | Path) -> JobStatus:
+    """Each host's state and the metrics so far, asked of the hosts once."""
+    record = load_record(exp_dir)
+    with Launcher.from_settings(record.settings) as launcher:
+        return status_of(launcher, record)
+
+
+def status_of(launcher: Launcher, record: JobRecord) -> JobStatus:
+    """`status` through a launcher the caller already holds (a watch loop keeps its connections)."""
+    statuses = launcher.status(record)
+    state = job_state(statuses, record.stop_requested_at is not None)
+    return JobStatus(record=record, state=state, hosts=statuses, metrics=metrics(launcher, record))
+
+
+def metrics(launcher: Launcher, record: JobRecord) -> MetricsSummary | None:
+    """The job's metrics so far; None if there are none yet or the host that holds them does not answer."""
+    path = record.info.get("metrics_file")
+    try:
+        return read_metrics(launcher.read_text(record, path)) if path else None
+    except FlagScaleError:
+        return None
+
+
+def refuse_if_running(job: JobConfig) -> None:
+    """FlagScaleError when the job recorded in job.exp_dir still runs (or cannot be told not to)."""
+    if not record_path(job.exp_dir).is_file():
+        return
+    try:
+        previous = load_record(job.exp_dir)
+    except JobRecordError:
+        return
+    with Launcher.from_settings(previous.settings) as launcher:
+        state = launcher.job_state(previous)
+    if state in (JobState.RUNNING, JobState.UNKNOWN):
+        raise FlagScaleError(
+            f"job {previous.run_id} in {job.exp_dir} is {state.value}; stop it first "
+            f"(python run.py {config_args(job)} action=stop) or use another experiment.exp_dir"
+        )
+
+
+def _use_host_devices(runner: TaskRunner, ctx: PlanContext, devices: dict) -> None:
+    """Cap processes by the devices each host itself sees; if that changes them, validate the layout again."""
+    before = [ctx.nproc(h) for h in ctx.hosts]
+    ctx.host_devices = devices
+    if [ctx.nproc(h) for h in ctx.hosts] != before:
+        ctx.notes = list(ctx.job.notes)
+        runner.validate(ctx)
+
+
+def _check_ports(launcher: Launcher, plan: Plan) -> None:
+    """Every port the plan listens on must be free on its host (hostctl `port`), before anything starts."""
+    for check in plan.ports_to_check:
+        answer = launcher.hostctl(check.host, "port", str(check.port))
+        if "error" in answer:
+            raise LaunchError(f"host {check.host.name}: {answer['error']}; nothing was started. {check.fix}")
+
+
+def _wait_ready(launcher: Launcher, record: JobRecord, ready: ReadyCheck, on_wait: Progress) -> None:
+    """Wait until every ready URL answers; if the job dies or the time runs out, stop it and explain."""
+    deadline = time.time() + ready.timeout_s
+    while True:
+        pending = [url for url in ready.urls if not _answers(url)]
+        if not pending:
+            return
+        state = launcher.job_state(record)
+        if state.is_terminal() or time.time() > deadline:
+            launcher.stop(record, record.settings.stop_timeout)
+            record.save()
+            why = f"the job is {state.value}" if state.is_terminal() else f"not ready after {ready.timeout_s:.0f}s"
+            raise LaunchError(f"{why}: {pending[0]} does not answer; stopped the job. Last lines of "
+                              f"{record.hosts[0].log_path}:\n{log_tail(record.hosts[0].log_path)}")
+        on_wait(f"waiting for {pending[0]} ({time.time() - record.created_at:.0f}s)")
+        time.sleep(1.0)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def _record_base(job: JobConfig, plan: Plan) -> dict:
+    return {
+        "run_id": plan.run_id, "task_type": plan.task_type, "exp_name": job.experiment.exp_name,
+        "exp_dir": plan.exp_dir, "log_dir": plan.log_dir, "created_at": time.time(),
+        "settings": launcher_settings(job), "master_addr": plan.master_addr, "master_port": plan.master_port,
+        "after_stop": plan.after_stop, "info": plan.info,
+    }  # fmt: skip
+
+
+def _save_config(job: JobConfig, plan: Plan) -> None:
+    private_dirs(plan.log_dir)
+    write_private(Path(plan.log_dir) / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(job.raw)))
+
+
+def config_args(job: JobConfig) -> str:
+    """The run.py arguments that name this job's config again (for the follow-up commands people are shown)."""
+    source = job.source
+    if source.config_dir is None:
+        return f"experiment.exp_dir={shlex.quote(str(job.exp_dir))}"
+    overrides = [o for o in source.overrides if not o.startswith("action=")]
+    return shlex.join(["--config-path", str(source.config_dir), "--config-name", source.config_name or "",
+                       *overrides])
+
+
+# A rank's own error line in a torchrun log: `[default3]:error: ...` or the last line of a traceback.
+RANK_ERROR = re.compile(r"^\[default\d+\]:((error: .*)|([A-Za-z_.]*(Error|Exception)\b.*))$")
+
+
+def log_tail(path: str, lines: int = 15) -> str:
+    """The log's last lines, after the ranks' first distinct error lines when they come earlier (torchrun's
+    failure summary, which ends the log, names no cause)."""
+    try:
+        text = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return "(log not readable here)"
+    errors: list[str] = []
+    for line in text[:-lines]:
+        found = RANK_ERROR.match(line)
+        if found and found.group(1) not in errors:
+            errors.append(found.group(1))
+    shown = [f"  (rank error) {e}" for e in errors[:5]] + (["  ..."] if errors else [])
+    return "\n".join(shown + text[-lines:])
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "flagscale"
+
+
+def remember_last_job(exp_dir: str) -> None:
+    state_dir().mkdir(parents=True, exist_ok=True)
+    (state_dir() / "last_job").write_text(exp_dir + "\n")
