@@ -110,6 +110,12 @@ class RunnerConfig:
     """Python interpreter on the hosts (default: the one running FlagScale)."""
     stop_timeout: float = 15.0
     """Seconds between SIGTERM and SIGKILL on stop."""
+    max_restarts: int = 0
+    """Training under action=test: launch again up to this many times after a failure a restart can cure (a
+    killed or crashed rank, a communication error, a lost host), resuming from the latest checkpoint. torchrun
+    itself does not restart (its --max-restarts stays 0)."""
+    restart_backoff: float = 10.0
+    """Seconds between a failure and the restart."""
     rdzv_backend: str = "static"
     """torchrun rendezvous: static (master addr/port) or c10d."""
     device_type_specific: dict[str, Any] = field(default_factory=dict)
@@ -135,6 +141,10 @@ class RunnerConfig:
         if self.type not in RUNNER_TYPES:
             raise ConfigError(f"experiment.runner.type '{self.type}' is not supported (supported: "
                               f"{', '.join(RUNNER_TYPES)})")
+        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ConfigError(f"experiment.runner.max_restarts must be a whole number >= 0, got {self.max_restarts!r}")
+        if not isinstance(self.restart_backoff, (int, float)) or self.restart_backoff < 0:
+            raise ConfigError(f"experiment.runner.restart_backoff must be seconds >= 0, got {self.restart_backoff!r}")
         for name in ("nnodes", "nproc_per_node", "ssh_port", "master_port", "ray_port", "ray_dashboard_port"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):

@@ -83,9 +83,36 @@ def run(job: JobConfig) -> int:
 
 
 def test(job: JobConfig) -> int:
-    """Run in the foreground: progress until the job ends; Ctrl-C stops it. Exit code = the job's."""
-    record = launch(job)
-    console.print(f"started {record.run_id}; log: {record.hosts[0].log_path}")
+    """Run in the foreground: progress until the job ends; Ctrl-C stops it. Exit code = the job's. A training
+    job that fails is launched again while experiment.runner.max_restarts allows and a restart can help."""
+    from flagscale.supervisor.restart import RestartPolicy, Supervision
+
+    policy = RestartPolicy.of(job.experiment.runner) if job.experiment.task.type == "train" else RestartPolicy()
+    supervision = Supervision(policy)
+    while True:
+        record = launch(job)
+        supervision.launched(record)
+        console.print(f"started {record.run_id}; log: {record.hosts[0].log_path}")
+        code, final = _foreground(job, record)
+        if final is None or final.state is not JobState.FAILED:
+            if final is not None:
+                supervision.ended(record, final)
+            return code
+        decision = supervision.after_failure(record, final)
+        console.print(f"diagnosis: {decision.diagnosis.detail}; {decision.reason}", markup=False)
+        if not decision.restart:
+            return code
+        try:
+            jobs.stop(record.exp_dir)  # whatever a failed rank left behind on any host
+            time.sleep(policy.backoff_s)
+        except KeyboardInterrupt:
+            console.print("interrupted before the restart; nothing is running")
+            return 130
+
+
+def _foreground(job: JobConfig, record: JobRecord) -> tuple[int, jobs.JobStatus | None]:
+    """Follow one launch to its end; (exit code, final status), the status None when Ctrl-C or a silent host
+    ended it (the job is then stopped)."""
     with Launcher.from_settings(record.settings) as launcher:
         try:
             state = _follow(launcher, record)
@@ -93,15 +120,16 @@ def test(job: JobConfig) -> int:
             console.print("interrupted: stopping the job")
             launcher.stop(record, record.settings.stop_timeout)
             record.save()
-            return 130
+            return 130, None
         except HostsUnreachable as lost:
             launcher.stop(record, record.settings.stop_timeout)
             record.save()
             _explain_unreachable(f"python run.py {jobs.config_args(job)} action=stop", lost, stopped_others=True)
-            return 1
+            return 1, None
         final = jobs.status_of(launcher, record)
+        final.state = state
         launcher.collect_logs(record)
-    return _finish(record, state, final.hosts, final.metrics)
+    return _finish(record, state, final.hosts, final.metrics), final
 
 
 def _follow(launcher: Launcher, record: JobRecord) -> JobState:
@@ -186,6 +214,14 @@ def query_job(exp_dir: str | Path) -> int:
         if status.error:
             console.print(f"host {status.host.name}: {status.error}")
     console.print(f"progress: {describe(summary)}")
+    if state is JobState.FAILED:
+        from flagscale.supervisor.restart import diagnose_job
+
+        console.print(f"diagnosis: {diagnose_job(record, now).detail}", markup=False)
+    supervisor = record.info.get("supervisor")
+    if supervisor:
+        console.print(f"restarts before this run: {supervisor['restarts']}; last failure: {supervisor['diagnosis']} "
+                      f"(events: {supervisor['events']})", markup=False)
     for name, url in record.info.get("urls", {}).items():
         console.print(f"serving {name}: {url}")
     console.print(f"log: {record.hosts[0].log_path}")

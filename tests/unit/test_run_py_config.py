@@ -96,7 +96,7 @@ def test_aquila_composes_and_dryruns(tmp_path: Path) -> None:
                   f"experiment.exp_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.replace("\n", " ")
-    for expected in ("--nproc-per-node 8", "--node-rank 1", "--master-addr node1", "--fp16", "--max-restarts 0",
+    for expected in ("--nproc-per-node 8", "--node-rank 1", "--master-addr node1", "--fp16", "--monitor-interval 5",
                      "--use-distributed-optimizer", "--tensor-model-parallel-size 1", "--num-layers 32",
                      "runs inside container flagscale_train", "--seed 42"):
         assert expected in out

@@ -67,8 +67,17 @@ def test_user_variables_numbers_as_strings_and_torchrun_options(tmp_path: Path) 
     argv = plan.processes[0].argv
     assert argv[argv.index("--seed") + 1] == "7"
     assert argv[argv.index("--nproc-per-node") + 1] == "2"
-    assert argv[argv.index("--max-restarts") + 1] == "3" and argv[argv.index("--monitor-interval") + 1] == "2"
-    assert argv.index("--max-restarts") < argv.index(str(REPO / "flagscale/train/train_gpt.py"))
+    assert argv[argv.index("--monitor-interval") + 1] == "2"
+    assert argv.index("--monitor-interval") < argv.index(str(REPO / "flagscale/train/train_gpt.py"))
+    assert "--max-restarts" not in argv  # FlagScale restarts the whole job from its checkpoint, not torchrun
+
+
+def test_max_restarts_is_the_supervisors(tmp_path: Path) -> None:
+    """runner.max_restarts (upstream: a torchrun option) restarts the job from its last checkpoint under
+    action=test; torchrun keeps its default of no restarts."""
+    conf = _conf(tmp_path, EXPERIMENT.format(exp_dir=tmp_path / "exp"))
+    _, ctx = _prepare(conf)
+    assert (ctx.job.experiment.runner.max_restarts, ctx.job.experiment.runner.restart_backoff) == (3, 10.0)
 
 
 def test_unreferenced_experiment_key_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
@@ -83,7 +92,8 @@ def test_unreferenced_experiment_key_is_an_error_with_a_suggestion(tmp_path: Pat
         ("+experiment.runner.log_dir=/x", "FlagScale keeps torchrun's logs"),
         ("+experiment.runner.standalone=true", "FlagScale sets the rendezvous itself"),
         ("+experiment.runner.max_restart=3", "did you mean 'max_restarts'"),
-        ("experiment.runner.max_restarts=many", "max_restarts = 'many': expected an integer"),
+        ("experiment.runner.max_restarts=many", "experiment.runner.max_restarts must be int, got 'many'"),
+        ("experiment.runner.monitor_interval=often", "monitor_interval = 'often': expected"),
         ("+experiment.runner.type=cloud", "experiment.runner.type 'cloud' is not supported (supported: ssh)"),
     ],
 )
