@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import TINY_CONF, group_members, tiny_overrides  # noqa: E402
+from tests.conftest import TINY_CONF, tiny_overrides, training_ranks  # noqa: E402
 
 
 def launch(exp_dir: Path, data: Path, args: argparse.Namespace) -> subprocess.Popen:
@@ -46,23 +46,6 @@ def runs(exp_dir: Path) -> list[list[dict]]:
     for metrics in sorted(exp_dir.glob("logs/*/metrics.jsonl")):
         events = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         found.append([e for e in events if e["event"] == "train"])
-    return found
-
-
-def ranks(exp_dir: Path) -> list[int]:
-    """The job's training processes: children of its torchrun."""
-    record = json.loads((exp_dir / "job.json").read_text())
-    members = set(group_members([h["pgid"] for h in record["hosts"] if h["pgid"]]))
-    found = []
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            parent = int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        rank = len(argv) > 1 and b"torchrun" not in argv[1] and any(b"train_gpt.py" in a for a in argv)
-        if parent in members and rank:
-            found.append(int(name))
     return found
 
 
@@ -89,7 +72,7 @@ def main() -> None:
                 if len(current) == len(kills) + 1 and current[-1] and current[-1][-1]["iteration"] >= point:
                     break
                 time.sleep(0.2)
-            victims = ranks(exp_dir) if proc.poll() is None else []
+            victims = training_ranks(exp_dir) if proc.poll() is None else []
             if not victims:
                 raise SystemExit(f"the job ended before iteration {point} (exit {proc.returncode})")
             victim = rng.choice(victims)

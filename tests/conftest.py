@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,21 @@ def group_members(pgids: list[int]) -> list[int]:
             if fields[0] != "Z" and (int(fields[3]) in pgids or int(fields[4]) in pgids):
                 members.append(int(name))
     return members
+
+
+def training_ranks(exp_dir: Path) -> list[int]:
+    """The training processes of the job recorded in exp_dir on this machine: the children of its torchrun
+    (torchrun may start them in sessions of their own, outside the recorded process groups)."""
+    record = json.loads((Path(exp_dir) / "job.json").read_text())
+    members = set(group_members([h["pgid"] for h in record["hosts"] if h["pgid"]]))
+    ranks = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent = int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        is_rank = len(argv) > 1 and b"torchrun" not in argv[1] and any(b"train_gpt.py" in a for a in argv)
+        if parent in members and is_rank:
+            ranks.append(int(name))
+    return ranks

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from flagscale.supervisor.diagnosis import Kind
-from tests.conftest import REPO, TINY_CONF, group_members, tiny_overrides
+from tests.conftest import REPO, TINY_CONF, tiny_overrides, training_ranks
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,22 +41,6 @@ def train_iterations(exp_dir: Path) -> list[list[int]]:
     return runs
 
 
-def rank_pids(exp_dir: Path) -> list[int]:
-    """The training processes of the job: children of its torchrun (which may start them in their own sessions)."""
-    record = json.loads((exp_dir / "job.json").read_text())
-    members = set(group_members([h["pgid"] for h in record["hosts"] if h["pgid"]]))
-    ranks = []
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            parent = int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if parent in members and b"train_gpt.py" in cmdline and b"torchrun" not in cmdline.split(b"\0")[1]:
-            ranks.append(int(name))
-    return ranks
-
-
 def test_killed_rank_is_diagnosed_and_the_job_resumes_to_the_end(tiny_data: Path, tmp_path: Path) -> None:
     exp_dir = tmp_path / "exp"
     proc = start(tmp_path, tiny_data)
@@ -64,7 +48,7 @@ def test_killed_rank_is_diagnosed_and_the_job_resumes_to_the_end(tiny_data: Path
     while not any(max(run, default=0) >= SAVE + 5 for run in train_iterations(exp_dir)):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.5)
-    victims = rank_pids(exp_dir)
+    victims = training_ranks(exp_dir)
     assert len(victims) == 2, victims
     os.kill(victims[1], signal.SIGKILL)
     out, _ = proc.communicate(timeout=400)
