@@ -153,12 +153,15 @@ def show_logs(exp_dir: Path, follow: bool, lines: int) -> int:
     launcher = Launcher.from_settings(record.settings)
     argv = ["tail", "-n", str(lines), *(["-F"] if follow else [])]
     prefix = len(record.hosts) > 1
+    events = (record.info.get("supervisor") or {}).get("events")
 
     def pump(host_record) -> None:
         for line in launcher.transport(host_record.host).stream([*argv, host_record.log_path]):
             click.echo(f"[{host_record.host.name}] {line.rstrip()}" if prefix else line.rstrip())
 
     threads = [threading.Thread(target=pump, args=(h,), daemon=True) for h in record.hosts]
+    if events:
+        threads.append(threading.Thread(target=show_events, args=(Path(events), follow), daemon=True))
     for thread in threads:
         thread.start()
     try:
@@ -170,6 +173,47 @@ def show_logs(exp_dir: Path, follow: bool, lines: int) -> int:
     finally:
         launcher.close()
     return 0
+
+
+def show_events(path: Path, follow: bool) -> None:
+    """The supervisor's events (launches, failures with their diagnosis, hangs, restarts), one line each."""
+    import json
+    import time
+
+    seen = 0
+    while True:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            lines = []
+        for line in lines[seen:]:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            when = time.strftime("%H:%M:%S", time.localtime(event.pop("time", 0)))
+            kind = event.pop("event", "?")
+            rest = " ".join(f"{k}={v}" for k, v in event.items() if v not in (None, [], ""))
+            click.echo(f"[supervisor {when}] {kind} {rest}")
+        seen = len(lines)
+        if not follow:
+            return
+        time.sleep(1.0)
+
+
+@main.command(hidden=True, context_settings={"ignore_unknown_options": True})
+@click.option("--config-dir", required=True, type=click.Path(path_type=Path))
+@click.option("--config-name", required=True)
+@click.argument("overrides", nargs=-1)
+def supervise(config_dir: Path, config_name: str, overrides: tuple[str, ...]) -> None:
+    """The detached supervisor of a job started by action=run (started by run itself, stopped by stop)."""
+    from flagscale.runner.actions import supervise_detached
+
+    def work() -> int:
+        cfg, source = compose_config(config_dir, config_name, [*overrides, "action=run"])
+        return supervise_detached(load_job_config(cfg, source))
+
+    _guard(work)
 
 
 if __name__ == "__main__":

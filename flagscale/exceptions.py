@@ -20,3 +20,11 @@ class LaunchError(FlagScaleError):
 
 class JobRecordError(FlagScaleError):
     """No job record, or an unreadable one, where stop/query/logs expect it."""
+
+
+class HostsNotReached(LaunchError):
+    """Hosts that did not answer when a launch began (nothing was started); `hosts` names them."""
+
+    def __init__(self, message: str, hosts: list[str]) -> None:
+        super().__init__(message)
+        self.hosts = hosts

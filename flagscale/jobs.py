@@ -12,7 +12,7 @@ import shlex
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +25,12 @@ from flagscale.runner.base import PlanContext, TaskRunner, runner_for
 from flagscale.runner.metrics import MetricsSummary, read_metrics
 from flagscale.spec.plan import Plan, ReadyCheck
 from flagscale.spec.private import private_dirs, write_private
+from flagscale.spec.process import is_alive, terminate
 from flagscale.spec.record import JobRecord, JobState, LauncherSettings, load_record, record_path
 
 Progress = Callable[[str], None]
+SUPERVISOR_STOP_S = 60.0
+"""How long `stop` waits for a job's supervisor to stop the job it watches (beyond the job's stop_timeout)."""
 
 
 def _quiet(_: str) -> None:
@@ -51,6 +54,8 @@ class StopReport:
     record: JobRecord
     already_stopped: bool
     results: list[StopResult]
+    supervisor: int | None = None
+    """The pid of the job's supervisor process, stopped first (it stops the job it watches)."""
 
     @property
     def unreached(self) -> list[StopResult]:
@@ -66,9 +71,10 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def prepare(job: JobConfig) -> tuple[TaskRunner, PlanContext]:
-    """Validate everything that can be validated before a process starts."""
-    hosts = select_hosts(job)
+def prepare(job: JobConfig, exclude: Sequence[str] = ()) -> tuple[TaskRunner, PlanContext]:
+    """Validate everything that can be validated before a process starts. Hosts named in `exclude` (lost by an
+    earlier launch) are not used: the hostfile's spare hosts beyond nnodes take their place."""
+    hosts = select_hosts(job, exclude)
     runner = runner_for(job.experiment.task.type)
     ctx = PlanContext(job=job, hosts=hosts, run_id=new_run_id(), master_port=job.experiment.runner.master_port,
                       notes=list(job.notes))
@@ -87,12 +93,15 @@ def launcher_settings(job: JobConfig) -> LauncherSettings:
                             stop_timeout=runner.stop_timeout, python=job.python)
 
 
-def launch(job: JobConfig, on_note: Progress = _quiet, on_wait: Progress = _quiet) -> JobRecord:
+def launch(job: JobConfig, on_note: Progress = _quiet, on_wait: Progress = _quiet, exclude: Sequence[str] = (),
+           relaunch: bool = False) -> JobRecord:
     """Plan, check nothing is running there already, start on every host, and record the job. The plan's notes
     go to `on_note`; waiting for a server to answer reports to `on_wait`. Any failure before the launch is
-    complete (Ctrl-C included) stops what started."""
-    runner, ctx = prepare(job)
-    refuse_if_running(job)
+    complete (Ctrl-C included) stops what started. A supervisor's `relaunch` replaces the job it has just
+    stopped (whose lost hosts, in `exclude`, cannot be asked)."""
+    runner, ctx = prepare(job, exclude)
+    if not relaunch:
+        refuse_if_running(job)
     with Launcher.from_settings(launcher_settings(job)) as launcher:
         facts = launcher.connect_all(ctx.hosts, ctx.hosts[0], ctx.master_port, ctx.job_device_env)
         ctx.master_port = facts.port
@@ -116,13 +125,18 @@ def launch(job: JobConfig, on_note: Progress = _quiet, on_wait: Progress = _quie
 def stop(exp_dir: str | Path) -> StopReport:
     """Stop the job recorded in exp_dir on every host; a later call retries hosts not reached."""
     record = load_record(exp_dir)
+    supervisor = record.info.get("supervisor") or {}
+    stopped_supervisor = None
+    if terminate(supervisor, timeout=record.settings.stop_timeout + SUPERVISOR_STOP_S):
+        stopped_supervisor = supervisor["pid"]
+        record = load_record(exp_dir)  # it stopped the job it watched, or one it was launching
     if all(h.stopped_at is not None for h in record.hosts):
-        return StopReport(record=record, already_stopped=True, results=[])
+        return StopReport(record=record, already_stopped=True, results=[], supervisor=stopped_supervisor)
     with Launcher.from_settings(record.settings) as launcher:
         results = launcher.stop(record, record.settings.stop_timeout)
         launcher.collect_logs(record)
     record.save()
-    return StopReport(record=record, already_stopped=False, results=results)
+    return StopReport(record=record, already_stopped=False, results=results, supervisor=stopped_supervisor)
 
 
 def status(exp_dir: str | Path) -> JobStatus:
@@ -156,8 +170,11 @@ def refuse_if_running(job: JobConfig) -> None:
         previous = load_record(job.exp_dir)
     except JobRecordError:
         return
-    with Launcher.from_settings(previous.settings) as launcher:
-        state = launcher.job_state(previous)
+    if is_alive(previous.info.get("supervisor") or {}):
+        state = JobState.RUNNING
+    else:
+        with Launcher.from_settings(previous.settings) as launcher:
+            state = launcher.job_state(previous)
     if state in (JobState.RUNNING, JobState.UNKNOWN):
         raise FlagScaleError(
             f"job {previous.run_id} in {job.exp_dir} is {state.value}; stop it first "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -232,8 +233,9 @@ def _resolve_hostfile(path: str, source: ConfigSource) -> Path:
     return beside if beside.exists() else given
 
 
-def select_hosts(job: JobConfig) -> list[Host]:
-    """The hosts the job runs on: the first `nnodes` of the hostfile, or this machine."""
+def select_hosts(job: JobConfig, exclude: Sequence[str] = ()) -> list[Host]:
+    """The hosts the job runs on: the first `nnodes` of the hostfile (skipping hosts named in `exclude`: the
+    ones after nnodes are spares), or this machine."""
     runner = job.experiment.runner
     if runner.hostfile is None:
         if runner.nnodes not in (None, 1):
@@ -245,4 +247,8 @@ def select_hosts(job: JobConfig) -> list[Host]:
         raise ConfigError(
             f"experiment.runner.nnodes={nnodes} but hostfile {runner.hostfile} lists {len(hosts)} host(s)"
         )
-    return hosts[:nnodes]
+    usable = [h for h in hosts if h.name not in exclude]
+    if nnodes > len(usable):
+        raise ConfigError(f"{nnodes} host(s) needed but hostfile {runner.hostfile} has {len(usable)} left without "
+                          f"the lost host(s) {', '.join(exclude)}; add a spare host to it (hosts after nnodes)")
+    return usable[:nnodes]

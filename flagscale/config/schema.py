@@ -111,11 +111,16 @@ class RunnerConfig:
     stop_timeout: float = 15.0
     """Seconds between SIGTERM and SIGKILL on stop."""
     max_restarts: int = 0
-    """Training under action=test: launch again up to this many times after a failure a restart can cure (a
-    killed or crashed rank, a communication error, a lost host), resuming from the latest checkpoint. torchrun
-    itself does not restart (its --max-restarts stays 0)."""
+    """Launch again up to this many times after a failure a restart can cure (a killed or crashed rank, a
+    communication error, a lost host, a hang; a server whose health check fails), training resuming from the
+    latest checkpoint. Under action=run a detached supervisor process does it (stopped by action=stop); under
+    action=test the foreground process. torchrun itself does not restart (its --max-restarts stays 0)."""
     restart_backoff: float = 10.0
     """Seconds between a failure and the restart."""
+    hang_timeout: float | None = None
+    """Training: seconds without a new iteration in the metrics while the processes live = a hang (before the
+    first iteration, 4x as long: start-up): each rank's Python stack is saved (py-spy dump) to
+    <log dir>/stacks/, the job is stopped and, within max_restarts, launched again. None: not watched."""
     rdzv_backend: str = "static"
     """torchrun rendezvous: static (master addr/port) or c10d."""
     device_type_specific: dict[str, Any] = field(default_factory=dict)
@@ -145,6 +150,10 @@ class RunnerConfig:
             raise ConfigError(f"experiment.runner.max_restarts must be a whole number >= 0, got {self.max_restarts!r}")
         if not isinstance(self.restart_backoff, (int, float)) or self.restart_backoff < 0:
             raise ConfigError(f"experiment.runner.restart_backoff must be seconds >= 0, got {self.restart_backoff!r}")
+        hang = self.hang_timeout
+        if hang is not None and (not isinstance(hang, (int, float)) or hang <= 0):
+            raise ConfigError(f"experiment.runner.hang_timeout must be seconds > 0 (or null: off), got "
+                              f"{self.hang_timeout!r}")
         for name in ("nnodes", "nproc_per_node", "ssh_port", "master_port", "ray_port", "ray_dashboard_port"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):

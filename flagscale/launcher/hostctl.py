@@ -9,6 +9,10 @@ Standard library only: hosts need nothing installed but Python. It prints one JS
                               the processes of the job tree and the recorded exit code
   stop   PGID START SCRIPT TIMEOUT
                               SIGTERM every process group of the job tree, wait, SIGKILL the rest
+  stacks PGID START SCRIPT OUT PREFIX
+                              the Python stack of every Python process of the job tree (`py-spy dump`, found on
+                              PATH or beside this Python, read without pausing the process: a stopped one works
+                              too), each written to OUT/PREFIX-PID.txt; reports the files and any error
   port   PORT                 PORT (0: any) if it can be bound here, else an error
   probe  PORT NAME=VALUE...   the devices visible here under the job's environment (NAME=VALUE: the
                               *_VISIBLE_DEVICES the job's env layers set; they win over this host's own),
@@ -198,6 +202,39 @@ def stop(pgid, start, script, timeout):
             "remaining": remaining}
 
 
+def _is_python(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0")[0]
+    except OSError:
+        return False
+    return os.path.basename(argv0).startswith(b"python")
+
+
+def stacks(pgid, start, script, out, prefix):
+    import shutil
+
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.isfile(spy):
+        return {"files": [], "error": "py-spy is not installed on this host (pip install py-spy)"}
+    os.makedirs(out, mode=0o700, exist_ok=True)
+    files, errors = [], []
+    for pid in sorted(p for p in _job_tree(pgid, start, script) if _is_python(p)):
+        try:
+            dump = subprocess.run([spy, "dump", "--nonblocking", "--pid", str(pid)], capture_output=True,
+                                  text=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            errors.append(f"pid {pid}: py-spy did not answer in 30s")
+            continue
+        if dump.returncode != 0:
+            errors.append(f"pid {pid}: {(dump.stderr or dump.stdout).strip()[:300]}")
+            continue
+        path = os.path.join(out, f"{prefix}-{pid}.txt")
+        _write_private(path, dump.stdout)
+        files.append(path)
+    return {"files": files, "error": "; ".join(errors) or None}
+
+
 def port(number):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     # as servers bind: a port whose last connections linger in TIME_WAIT is free; a listening one is not
@@ -232,7 +269,7 @@ def probe(number, *assignments):
 
 
 def main(argv):
-    verbs = {"start": start, "status": status, "stop": stop, "port": port, "probe": probe}
+    verbs = {"start": start, "status": status, "stop": stop, "port": port, "probe": probe, "stacks": stacks}
     print(json.dumps(verbs[argv[0]](*argv[1:])))
 
 

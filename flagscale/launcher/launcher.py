@@ -5,6 +5,7 @@ goes through hostctl.py, so there is one process-control path."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from flagscale.config.hostfile import Host
-from flagscale.exceptions import FlagScaleError, LaunchError
+from flagscale.exceptions import FlagScaleError, HostsNotReached, LaunchError
 from flagscale.launcher.transport import SSHSettings, Transport, open_transport
 from flagscale.spec.plan import Plan, ProcessSpec, render_script
 from flagscale.spec.private import SCRIPT_MODE, private_dirs, write_private
@@ -112,8 +113,8 @@ class Launcher:
                                                             job_env(host)))
         failed = [(h, o) for h, o in zip(hosts, outcomes) if isinstance(o, Exception)]
         if failed:
-            raise LaunchError(f"cannot reach {len(failed)} of {len(hosts)} host(s); nothing was started:\n"
-                              + "\n".join(f"  {h.name}: {err}" for h, err in failed))
+            raise HostsNotReached(f"cannot reach {len(failed)} of {len(hosts)} host(s); nothing was started:\n"
+                                  + "\n".join(f"  {h.name}: {err}" for h, err in failed), [h.name for h, _ in failed])
         answers = dict(zip(hosts, outcomes))
         devices = {h: _device_count(h, a) for h, a in answers.items()}  # type: ignore[arg-type]
         return HostFacts(port=int(answers[master]["port"]), devices=devices)  # type: ignore[index]
@@ -245,6 +246,28 @@ class Launcher:
             if done.returncode != 0:
                 result.error = f"after_stop exited {done.returncode}: {done.stderr.strip()[-300:]}"
         return result
+
+    def stacks(self, record: JobRecord) -> tuple[list[str], list[str]]:
+        """Save the Python stack of every process of the job on every host (py-spy, without pausing them) under
+        <log dir>/stacks/ (on each host; here too on a shared file system); (files, one error line per host)."""
+        out = str(Path(record.log_dir) / "stacks")
+
+        def one(host_record: HostRecord) -> dict[str, Any]:
+            if not self._resolve(host_record):
+                return {"files": [], "error": None}
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", host_record.host.name)
+            return self.hostctl(host_record.host, "stacks", *_identity(host_record), out, safe, timeout=300)
+
+        files: list[str] = []
+        errors: list[str] = []
+        for host_record, answer in zip(record.hosts, parallel(record.hosts, one)):
+            if isinstance(answer, Exception):
+                errors.append(f"host {host_record.host.name}: {answer}")
+                continue
+            files += answer["files"]
+            if answer.get("error"):
+                errors.append(f"host {host_record.host.name}: {answer['error']}")
+        return files, errors
 
     def read_text(self, record: JobRecord, path: str) -> str | None:
         """A job file wherever it is: here on a shared file system, else on the first host that has it

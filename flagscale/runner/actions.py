@@ -3,8 +3,13 @@ dryrun is literally the first half of run: the same plan, rendered and written, 
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -12,11 +17,14 @@ from rich.table import Table
 
 from flagscale import jobs
 from flagscale.config.loader import JobConfig
+from flagscale.exceptions import FlagScaleError, HostsNotReached
 from flagscale.launcher.launcher import Launcher, job_state
 from flagscale.runner.metrics import HostsUnreachable, MetricsSummary, describe, follow_progress
 from flagscale.spec.plan import render_script
 from flagscale.spec.private import SCRIPT_MODE, private_dirs, write_private
+from flagscale.spec.process import is_alive, process_identity
 from flagscale.spec.record import JobRecord, JobState, load_record
+from flagscale.supervisor.restart import RestartPolicy, Supervision, diagnose_job, goodput, read_events
 
 console = Console(highlight=False, soft_wrap=True)
 FOLLOW_INTERVAL_S = 2.0
@@ -57,11 +65,11 @@ def dryrun(job: JobConfig) -> int:
     return 0
 
 
-def launch(job: JobConfig) -> JobRecord:
+def launch(job: JobConfig, exclude: Sequence[str] = (), relaunch: bool = False) -> JobRecord:
     """jobs.launch, with its notes printed and a spinner while a server comes up."""
     with console.status("launching") as spinner:
         return jobs.launch(job, on_note=lambda note: console.print(f"note: {note}", markup=False),
-                           on_wait=spinner.update)
+                           on_wait=spinner.update, exclude=exclude, relaunch=relaunch)
 
 
 def run(job: JobConfig) -> int:
@@ -75,6 +83,9 @@ def run(job: JobConfig) -> int:
         console.print(f"  serving {name}: {url}")
     if record.info.get("output_path"):
         console.print(f"  results: {record.info['output_path']}")
+    if RestartPolicy.of(job.experiment.runner, job.experiment.task.type).needs_supervisor:
+        supervisor = _start_supervisor(job, record)
+        console.print(f"  supervisor: pid {supervisor['pid']} restarts it on failure; its log: {supervisor['log']}")
     config_arg = jobs.config_args(job)
     console.print(f"  follow: tail -f {shlex.quote(first.log_path)}   (or: flagscale logs -f {record.exp_dir})")
     console.print(f"  query:  python run.py {config_arg} action=query")
@@ -82,40 +93,105 @@ def run(job: JobConfig) -> int:
     return 0
 
 
-def test(job: JobConfig) -> int:
-    """Run in the foreground: progress until the job ends; Ctrl-C stops it. Exit code = the job's. A training
-    job that fails is launched again while experiment.runner.max_restarts allows and a restart can help."""
-    from flagscale.supervisor.restart import RestartPolicy, Supervision
+def _start_supervisor(job: JobConfig, record: JobRecord) -> dict:
+    """Start the detached supervisor of a job just launched (`flagscale supervise`, in a session of its own, its
+    output in <log dir>/supervisor.log) and record it in job.json, where `stop` finds it."""
+    source = job.source
+    if source.config_dir is None or source.config_name is None:
+        raise FlagScaleError("a supervised job (experiment.runner.max_restarts/hang_timeout) needs its config "
+                             "from YAML files (--config-path/--config-name)")
+    log = Path(record.log_dir) / "supervisor.log"
+    overrides = [o for o in source.overrides if not o.startswith("action=")]
+    argv = [sys.executable, "-m", "flagscale.cli", "supervise", "--config-dir", str(source.config_dir),
+            "--config-name", source.config_name, "--", *overrides]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True)
+    identity = {**process_identity(proc.pid), "log": str(log)}
+    record.info["supervisor"] = {**record.info.get("supervisor", {}), **identity}
+    record.save()
+    return identity
 
-    policy = RestartPolicy.of(job.experiment.runner) if job.experiment.task.type == "train" else RestartPolicy()
-    supervision = Supervision(policy)
+
+def supervise_detached(job: JobConfig) -> int:
+    """The supervisor process of a job started by action=run: adopt the job recorded in its exp_dir, follow it
+    and restart it as the policy allows. SIGTERM (what `stop` sends) stops the job and ends it."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    deadline = time.monotonic() + 30
+    while True:  # `run` names this process in job.json right after starting it
+        record = load_record(job.exp_dir)
+        if (record.info.get("supervisor") or {}).get("pid") == os.getpid():
+            break
+        if time.monotonic() > deadline:
+            console.print(f"job.json in {job.exp_dir} does not name this supervisor (pid {os.getpid()}); exiting")
+            return 2
+        time.sleep(0.2)
+    me = record.info["supervisor"]
+    policy = RestartPolicy.of(job.experiment.runner, job.experiment.task.type)
+    supervision = Supervision(policy, detached={"pid": me["pid"], "start": me["start"], "log": me["log"]})
+    console.print(f"supervising {record.task_type} job {record.run_id} in {record.exp_dir}: max_restarts "
+                  f"{policy.max_restarts}, hang_timeout {policy.hang_timeout_s}")
+    return supervise(job, supervision, first=record)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def test(job: JobConfig) -> int:
+    """Run in the foreground: progress until the job ends; Ctrl-C stops it. Exit code = the job's. A job that
+    fails is launched again while experiment.runner.max_restarts allows and a restart can help."""
+    return supervise(job, Supervision(RestartPolicy.of(job.experiment.runner, job.experiment.task.type)))
+
+
+def supervise(job: JobConfig, supervision: Supervision, first: JobRecord | None = None) -> int:
+    """Launch the job (or adopt `first`, already launched), follow it to its end, and launch it again after a
+    failure while the supervision allows; returns the exit code of the last launch."""
+    record, previous = first, first
     while True:
-        record = launch(job)
+        if record is None:
+            try:
+                record = launch(job, exclude=supervision.lost_hosts, relaunch=True)
+            except HostsNotReached as err:  # lost since: spares from the hostfile take their place, if any
+                supervision.lost_hosts += [h for h in err.hosts if h not in supervision.lost_hosts]
+                console.print(f"host(s) {', '.join(err.hosts)} cannot be reached; trying spare hosts", markup=False)
+                continue
+            except FlagScaleError as err:
+                assert previous is not None
+                supervision.gave_up(previous, str(err))
+                console.print(f"cannot restart: {err}", markup=False)
+                return 1
         supervision.launched(record)
-        console.print(f"started {record.run_id}; log: {record.hosts[0].log_path}")
-        code, final = _foreground(job, record)
+        console.print(f"started {record.run_id} on {', '.join(h.host.name for h in record.hosts)}; "
+                      f"log: {record.hosts[0].log_path}")
+        code, final = _foreground(job, record, supervision)
         if final is None or final.state is not JobState.FAILED:
             if final is not None:
-                supervision.ended(record, final)
+                supervision.ended(record, final.state)
             return code
         decision = supervision.after_failure(record, final)
         console.print(f"diagnosis: {decision.diagnosis.detail}; {decision.reason}", markup=False)
         if not decision.restart:
+            supervision.ended(record, final.state)
             return code
         try:
             jobs.stop(record.exp_dir)  # whatever a failed rank left behind on any host
-            time.sleep(policy.backoff_s)
+            time.sleep(supervision.policy.backoff_s)
         except KeyboardInterrupt:
             console.print("interrupted before the restart; nothing is running")
+            supervision.ended(record, JobState.STOPPED)
             return 130
+        previous, record = record, None
 
 
-def _foreground(job: JobConfig, record: JobRecord) -> tuple[int, jobs.JobStatus | None]:
-    """Follow one launch to its end; (exit code, final status), the status None when Ctrl-C or a silent host
-    ended it (the job is then stopped)."""
+def _foreground(job: JobConfig, record: JobRecord,
+                supervision: Supervision | None = None) -> tuple[int, jobs.JobStatus | None]:
+    """Follow one launch to its end; (exit code, final status), the status None when Ctrl-C ended it (the job
+    is then stopped). A host silent for too long ends it FAILED (stopped on the other hosts)."""
     with Launcher.from_settings(record.settings) as launcher:
         try:
-            state = _follow(launcher, record)
+            state = _follow(launcher, record, supervision)
         except KeyboardInterrupt:
             console.print("interrupted: stopping the job")
             launcher.stop(record, record.settings.stop_timeout)
@@ -123,25 +199,40 @@ def _foreground(job: JobConfig, record: JobRecord) -> tuple[int, jobs.JobStatus 
             return 130, None
         except HostsUnreachable as lost:
             launcher.stop(record, record.settings.stop_timeout)
+            record.stop_requested_at = None  # the supervisor stopped it: a failure, not the user's stop
             record.save()
             _explain_unreachable(f"python run.py {jobs.config_args(job)} action=stop", lost, stopped_others=True)
-            return 1, None
+            state = JobState.FAILED
         final = jobs.status_of(launcher, record)
         final.state = state
         launcher.collect_logs(record)
     return _finish(record, state, final.hosts, final.metrics), final
 
 
-def _follow(launcher: Launcher, record: JobRecord) -> JobState:
-    """Live progress until the job ends; returns its final state (HostsUnreachable if a host stays silent)."""
+def _follow(launcher: Launcher, record: JobRecord, supervision: Supervision | None = None) -> JobState:
+    """Live progress until the job ends; returns its final state (HostsUnreachable if a host stays silent). The
+    supervision's watchdog looks at every poll: a job it finds hung or unhealthy is stopped and ends FAILED."""
+    latest: list[MetricsSummary | None] = [None]
+
+    def read() -> MetricsSummary | None:
+        latest[0] = jobs.metrics(launcher, record)
+        return latest[0]
 
     def poll() -> tuple[JobState, list[str]]:
         statuses = launcher.status(record)
         problems = [_named(s.host.name, s.error) for s in statuses if s.error]
-        return job_state(statuses, record.stop_requested_at is not None), problems
+        state = job_state(statuses, record.stop_requested_at is not None)
+        watchdog = supervision.watchdog if supervision is not None else None
+        problem = watchdog.check(state, latest[0]) if watchdog is not None else None
+        if problem is None:
+            return state, problems
+        assert supervision is not None
+        console.print(f"{problem}: stopping job {record.run_id}", markup=False)
+        for line in supervision.intervene(launcher, record, problem):
+            console.print(line, markup=False)
+        return JobState.FAILED, []
 
-    return follow_progress(console, lambda: jobs.metrics(launcher, record), poll, interval=FOLLOW_INTERVAL_S,
-                           give_up_s=UNREACHABLE_GIVE_UP_S)
+    return follow_progress(console, read, poll, interval=FOLLOW_INTERVAL_S, give_up_s=UNREACHABLE_GIVE_UP_S)
 
 
 def _named(host: str, error: str) -> str:
@@ -178,6 +269,8 @@ def stop_job(exp_dir: str | Path) -> int:
     reached."""
     report = jobs.stop(exp_dir)
     run_id = report.record.run_id
+    if report.supervisor is not None:
+        console.print(f"stopped the supervisor (pid {report.supervisor}) of job {run_id}; it stops no more")
     if report.already_stopped:
         console.print(f"job {run_id}: already stopped; nothing to do")
         return 0
@@ -215,17 +308,29 @@ def query_job(exp_dir: str | Path) -> int:
             console.print(f"host {status.host.name}: {status.error}")
     console.print(f"progress: {describe(summary)}")
     if state is JobState.FAILED:
-        from flagscale.supervisor.restart import diagnose_job
-
         console.print(f"diagnosis: {diagnose_job(record, now).detail}", markup=False)
     supervisor = record.info.get("supervisor")
     if supervisor:
-        console.print(f"restarts before this run: {supervisor['restarts']}; last failure: {supervisor['diagnosis']} "
-                      f"(events: {supervisor['events']})", markup=False)
+        _show_supervision(supervisor)
     for name, url in record.info.get("urls", {}).items():
         console.print(f"serving {name}: {url}")
     console.print(f"log: {record.hosts[0].log_path}")
     return 0 if state is not JobState.FAILED else 1
+
+
+def _show_supervision(supervisor: dict) -> None:
+    """The supervisor's side of `query`: is it running, the restarts so far, the last failure, the goodput."""
+    if "pid" in supervisor:
+        running = "running" if is_alive(supervisor) else "not running"
+        console.print(f"supervisor: pid {supervisor['pid']} ({running}); log: {supervisor.get('log')}", markup=False)
+    last = f"; last failure: {supervisor['diagnosis']}" if supervisor.get("diagnosis") else ""
+    lost = f"; lost hosts: {', '.join(supervisor['lost_hosts'])}" if supervisor.get("lost_hosts") else ""
+    console.print(f"restarts: {supervisor.get('restarts', 0)}{last}{lost}", markup=False)
+    figure = goodput(read_events(supervisor.get("events", "")))
+    if figure is not None:
+        console.print(f"goodput: {figure.ratio:.2f} ({figure.kept_s:,.0f}s of kept iterations in "
+                      f"{figure.wall_s:,.0f}s; {figure.redone} iteration(s) redone)")
+    console.print(f"events: {supervisor.get('events')}", markup=False)
 
 
 def watch_job(exp_dir: str | Path) -> int:

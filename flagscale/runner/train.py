@@ -137,10 +137,11 @@ class TrainRunner(TaskRunner):
         if arguments.inert:
             ctx.notes.append("options with no effect in this project's training program (reporting only): "
                              + ", ".join(arguments.inert))
-        restarts = ctx.job.experiment.runner.max_restarts
-        if restarts and ctx.job.action in ("run", "dryrun"):
-            ctx.notes.append(f"experiment.runner.max_restarts={restarts} restarts the job from its last checkpoint "
-                             "under action=test; a job started with action=run is not restarted yet")
+        runner = ctx.job.experiment.runner
+        if (runner.max_restarts or runner.hang_timeout) and ctx.job.action in ("run", "dryrun"):
+            ctx.notes.append(f"experiment.runner.max_restarts={runner.max_restarts}, hang_timeout="
+                             f"{runner.hang_timeout}: under action=run a detached supervisor watches the job and "
+                             "restarts it from its last checkpoint (action=stop stops both)")
         args = self._parse(ctx, arguments)
         world = sum(ctx.nproc(h) for h in ctx.hosts)
         try:

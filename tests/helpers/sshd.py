@@ -35,6 +35,18 @@ class SSHServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
 
+    def crash(self) -> None:
+        """The host goes away: the listener and every connection it serves (each in a session of its own)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        doomed = _descendants(self.proc.pid)
+        self.stop()
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
 
 @dataclass
 class SSHCluster:
@@ -94,6 +106,21 @@ class SSHCluster:
     def stop_all(self) -> None:
         for server in self.servers:
             server.stop()
+
+
+def _descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parents[int(name)] = int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def free_port(addr: str) -> int:
