@@ -133,6 +133,7 @@ def _estimate(data: Path, model: dict) -> float:
     return estimate(c, work).peak_mb
 
 
+@pytest.mark.slow
 def test_memory_estimate_against_measured_peak(tiny_data: Path, tmp_path: Path) -> None:
     """Prints the error per config; the estimate must be within 25% of peak − baseline for each."""
     baseline = _peak(tiny_data, tmp_path / "base", NEAR_EMPTY) - _estimate(tiny_data, NEAR_EMPTY)

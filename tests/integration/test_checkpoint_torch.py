@@ -55,12 +55,14 @@ def dp2_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return whole_and_split(tiny_data, tmp_path_factory.mktemp("torch_ckpt"))
 
 
+@pytest.mark.slow
 def test_resume_from_torch_format_is_exact(dp2_runs: Path) -> None:
     files = ["distrib_optim.pt", "model_optim_rng.pt"]
     assert rank_files(dp2_runs / "ckpt" / "iter_0000006") == {"mp_rank_00": files}
     assert_resumed_exactly(dp2_runs)
 
 
+@pytest.mark.slow
 def test_expert_parallel_ranks_resume_exactly(tiny_data: Path, tmp_path: Path) -> None:
     """MoE with ep=2: one folder per expert rank (mp_rank_TT_EEE), each with its optimizer state."""
     whole_and_split(tiny_data, tmp_path, "--num-experts", "2", "--expert-model-parallel-size", "2")
@@ -72,6 +74,7 @@ def test_expert_parallel_ranks_resume_exactly(tiny_data: Path, tmp_path: Path) -
     assert "was saved with tp=1 pp=1 ep=2 but this run has tp=1 pp=1;" in dense.stdout
 
 
+@pytest.mark.slow
 def test_converter_reads_a_torch_format_checkpoint(dp2_runs: Path) -> None:
     done = convert(dp2_runs / "ckpt", dp2_runs / "hf")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -81,6 +84,7 @@ def test_converter_reads_a_torch_format_checkpoint(dp2_runs: Path) -> None:
     assert result["argmax_equal"], result
 
 
+@pytest.mark.slow
 def test_pipeline_ranks_and_a_changed_layout_is_an_error(tiny_data: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     common = [*SMALL_MODEL, *data_args(tiny_data), "--ckpt-format", "torch", "--save", str(ckpt), "--load", str(ckpt)]

@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import REPO, run_py
 from tests.integration.test_convert import PROMPT, convert
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ITERS = 3  # odd: the expert bias moves ±rate a step, so after an even count it may be back at 0
 
@@ -210,7 +210,6 @@ MOE_KEYS = (
 DENSE_MLA = [*(f"~train.model.{key}" for key in MOE_KEYS), "train.system.expert_model_parallel_size=1"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [EP1_VARIANT, DENSE_MLA], ids=["ep1_yarn_tied_no_bias", "dense_mla"])
 def test_deepseek_v3_variants_convert(tiny_data: Path, tmp_path: Path, overrides: list[str]) -> None:
     """The other ways a DeepSeek-like model is set up convert as exactly (EP1_VARIANT), and an MLA model

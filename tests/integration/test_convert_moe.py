@@ -20,7 +20,7 @@ from tests.integration.test_convert import PROMPT, convert
 from tests.integration.test_train_moe import EXPERT_PARALLEL, MIXTRAL
 from tests.integration.test_train_program import data_args, torchrun
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # head_dim 32 (as the dense tiny model): vLLM's CPU attention has no kernel for 16.
 TINY_MIXTRAL = [*MIXTRAL, "--kv-channels", "32", "--moe-ffn-hidden-size", "96"]

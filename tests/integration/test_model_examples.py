@@ -21,7 +21,10 @@ EXPECTED_FIELDS = {
 }
 
 
-@pytest.mark.parametrize("model", sorted(EXPECTED_FIELDS))
+# deepseek_v3 trains every time (MLA, shared experts, sigmoid router, MTP: the most the tiny examples carry);
+# the other tiny examples' configs are checked field by field (tests/unit/test_example_model_configs.py) and
+# their full-size YAMLs train shrunk (test_full_size_examples_shrunk.py).
+@pytest.mark.parametrize("model", ["deepseek_v3"])
 def test_tiny_model_example_trains(model: str, tiny_data: Path, tmp_path: Path) -> None:
     proc = run_py("--config-path", f"examples/{model}/conf", "--config-name", "train_tiny", "action=test",
                   f"experiment.exp_dir={tmp_path}",

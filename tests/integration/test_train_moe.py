@@ -85,6 +85,7 @@ def test_deepseek_v3_like_trains_and_resumes_exactly(tiny_data: Path, tmp_path: 
     assert "| moe seq load balancing loss " in whole.stdout and "| mtp loss " in whole.stdout
 
 
+@pytest.mark.slow
 def test_mixtral_like_dispatchers_train_the_same(tiny_data: Path, tmp_path: Path) -> None:
     """Top-2 softmax router with EP=2: allgather and alltoall (gloo) give the same training."""
     losses = {}
@@ -100,6 +101,7 @@ def test_mixtral_like_dispatchers_train_the_same(tiny_data: Path, tmp_path: Path
     assert losses["alltoall"] == pytest.approx(losses["allgather"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_mixtral_like_tensor_and_sequence_parallel_trains_like_one_process(tiny_data: Path, tmp_path: Path) -> None:
     """tp=2 + sequence parallelism (what Megatron-Core's MoE layer needs for tp > 1; on the CPU the torch
     norms take it through cpu_shims) gives the single-process run's losses, gradient and router-loss values."""

@@ -144,6 +144,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_data: Path, tmp_path: Path) ->
     )
 
 
+@pytest.mark.slow
 def test_sequence_parallel_trains_like_tensor_parallel_alone(tiny_data: Path, tmp_path: Path) -> None:
     """tp=2 with sequence parallelism on the CPU gives the losses and gradient norms of tp=2 without it.
     The gradient norms are the sharp check: were the norm weights' gradients not summed over the tp ranks
