@@ -1,10 +1,11 @@
-"""Recovery from killed ranks: the tiny GPT trained with `run.py action=test` and experiment.runner.max_restarts,
-with N ranks killed (SIGKILL) at random times while it trains.
+"""Recovery from killed ranks: the tiny GPT started with `run.py action=run` and experiment.runner.max_restarts (its
+detached supervisor restarts it), with N ranks killed (SIGKILL) at random times while it trains.
 
 Prints, per failure, the time from the kill to the first iteration logged after the restart (what FlagScale's
 diagnosis, stop, back-off and relaunch plus torchrun and Megatron-Core start-up cost) and the iterations redone;
-then the goodput = time spent on iterations that were kept / wall time of the whole job (a run without failures
-gives the baseline: its own start-up and checkpoints already cost some). Writes
+then the goodput the supervisor reports (`flagscale status`) = time spent on iterations that were kept / wall time
+from the launch to the end (a run without failures, --kills 0, gives the baseline: its own start-up and checkpoints
+already cost some). Writes
 outputs/benchmarks/recovery.json. Last line: `goodput <x>`.
 
     python examples/tiny_gpt/prepare_data.py
@@ -28,16 +29,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from flagscale.supervisor.restart import goodput, read_events  # noqa: E402
 from tests.conftest import TINY_CONF, tiny_overrides, training_ranks  # noqa: E402
 
 
 def launch(exp_dir: Path, data: Path, args: argparse.Namespace) -> subprocess.Popen:
-    argv = [sys.executable, str(REPO / "run.py"), *TINY_CONF, "action=test",
+    argv = [sys.executable, str(REPO / "run.py"), *TINY_CONF, "action=run",
             *tiny_overrides(data, exp_dir, train_iters=args.iters, eval_interval=100_000),
             "train.system.logging.log_interval=1", f"train.system.checkpoint.save_interval={args.save_interval}",
-            f"++experiment.runner.max_restarts={args.kills}",
+            f"++experiment.runner.max_restarts={max(args.kills, 1)}",  # a supervisor even for the baseline
             f"++experiment.runner.restart_backoff={args.backoff}"]  # fmt: skip
     return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def events(exp_dir: Path) -> list[dict]:
+    """The supervisor's events (the detached supervisor that action=run leaves restarts the job)."""
+    try:
+        record = json.loads((exp_dir / "job.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return read_events((record["info"].get("supervisor") or {}).get("events", ""))
+
+
+def ended(exp_dir: Path) -> bool:
+    return any(e["event"] in ("ended", "gave_up") for e in events(exp_dir))
 
 
 def runs(exp_dir: Path) -> list[list[dict]]:
@@ -65,25 +80,33 @@ def main() -> None:
         exp_dir = Path(tmp) / "exp"
         began = time.time()
         proc = launch(exp_dir, args.data, args)
+        if proc.wait() != 0:
+            raise SystemExit(f"action=run failed (exit {proc.returncode})")
+        print(f"action=run returned after {time.time() - began:.1f} s (launch latency, supervisor started)",
+              flush=True)
         kills: list[dict] = []
         for point in points:
-            while proc.poll() is None:
+            while not ended(exp_dir):
                 current = runs(exp_dir)
                 if len(current) == len(kills) + 1 and current[-1] and current[-1][-1]["iteration"] >= point:
                     break
                 time.sleep(0.2)
-            victims = training_ranks(exp_dir) if proc.poll() is None else []
+            victims = training_ranks(exp_dir) if not ended(exp_dir) else []
             if not victims:
-                raise SystemExit(f"the job ended before iteration {point} (exit {proc.returncode})")
+                raise SystemExit(f"the job ended before iteration {point}")
             victim = rng.choice(victims)
             os.kill(victim, signal.SIGKILL)
             kills.append({"at_iteration": runs(exp_dir)[-1][-1]["iteration"], "time": time.time(), "pid": victim})
             print(f"killed rank pid {victim} at iteration {kills[-1]['at_iteration']}", flush=True)
-        code = proc.wait()
+        while not ended(exp_dir):
+            time.sleep(0.5)
         wall = time.time() - began
         launches = runs(exp_dir)
-    if code != 0 or len(launches) != args.kills + 1:
-        raise SystemExit(f"job exit {code}, {len(launches)} launches for {args.kills} kills")
+        final = events(exp_dir)
+        figure = goodput(final)
+    state = final[-1].get("state")
+    if state != "COMPLETED" or len(launches) != args.kills + 1 or figure is None:
+        raise SystemExit(f"job {state}, {len(launches)} launches for {args.kills} kills")
     results = []
     for kill, after in zip(kills, launches[1:]):
         first = after[0]
@@ -93,20 +116,17 @@ def main() -> None:
         print(f"kill at {kill['at_iteration']}: resumed from {first['iteration'] - 1}, "
               f"{results[-1]['redone']} iterations redone, first new iteration {results[-1]['recovery_s']} s "
               "after the kill", flush=True)
-    kept = {}  # iteration -> seconds it took, the last launch's time for an iteration done twice
-    for launch_events in launches:
-        for event in launch_events:
-            kept[event["iteration"]] = event["step_time_ms"] / 1000
-    goodput = sum(kept.values()) / wall
+    goodput_now = figure.ratio  # what `flagscale status` shows: kept iteration time / wall time since the launch
     median = round(statistics.median(r["recovery_s"] for r in results), 1) if results else None
-    summary = {"kills": results, "wall_s": round(wall, 1), "iterations": args.iters, "goodput": round(goodput, 3),
+    summary = {"kills": results, "wall_s": round(wall, 1), "iterations": args.iters,
+               "goodput": round(goodput_now, 3), "redone": figure.redone,
                "median_recovery_s": median}  # fmt: skip
     out = REPO / "outputs" / "benchmarks" / "recovery.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wall {wall:.1f} s for {args.iters} iterations; median recovery {summary['median_recovery_s']} s; "
           f"wrote {out}")
-    print(f"goodput {goodput:.3f}")
+    print(f"goodput {goodput_now:.3f}")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,10 @@ def launch(job: JobConfig, exclude: Sequence[str] = (), relaunch: bool = False) 
 
 
 def run(job: JobConfig) -> int:
+    supervised = RestartPolicy.of(job.experiment.runner, job.experiment.task.type).needs_supervisor
+    if supervised and (job.source.config_dir is None or job.source.config_name is None):
+        raise FlagScaleError("a supervised job (experiment.runner.max_restarts/hang_timeout) needs its config "
+                             "from YAML files (--config-path/--config-name); nothing was started")
     record = launch(job)
     first = record.hosts[0]
     console.print(f"[bold green]started[/] {job.experiment.task.type} job {record.run_id} on "
@@ -83,7 +87,7 @@ def run(job: JobConfig) -> int:
         console.print(f"  serving {name}: {url}")
     if record.info.get("output_path"):
         console.print(f"  results: {record.info['output_path']}")
-    if RestartPolicy.of(job.experiment.runner, job.experiment.task.type).needs_supervisor:
+    if supervised:
         supervisor = _start_supervisor(job, record)
         console.print(f"  supervisor: pid {supervisor['pid']} restarts it on failure; its log: {supervisor['log']}")
     config_arg = jobs.config_args(job)
@@ -97,9 +101,7 @@ def _start_supervisor(job: JobConfig, record: JobRecord) -> dict:
     """Start the detached supervisor of a job just launched (`flagscale supervise`, in a session of its own, its
     output in <log dir>/supervisor.log) and record it in job.json, where `stop` finds it."""
     source = job.source
-    if source.config_dir is None or source.config_name is None:
-        raise FlagScaleError("a supervised job (experiment.runner.max_restarts/hang_timeout) needs its config "
-                             "from YAML files (--config-path/--config-name)")
+    assert source.config_dir is not None and source.config_name is not None
     log = Path(record.log_dir) / "supervisor.log"
     overrides = [o for o in source.overrides if not o.startswith("action=")]
     argv = [sys.executable, "-m", "flagscale.cli", "supervise", "--config-dir", str(source.config_dir),

@@ -70,7 +70,7 @@ class Watchdog:
 
     policy: RestartPolicy
     health_urls: list[str] = field(default_factory=list)
-    _since: float = field(default_factory=time.monotonic)
+    _since: float = field(default_factory=lambda: time.monotonic())
     _iteration: int | None = None
     _unhealthy: int = 0
 

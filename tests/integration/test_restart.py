@@ -64,28 +64,46 @@ def reached(exp_dir: Path, iteration: int) -> bool:
     return any(max(run, default=0) >= iteration for run in train_iterations(exp_dir))
 
 
-def query(exp_dir: Path) -> subprocess.CompletedProcess:
+def query(exp_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "run.py"), *TINY_CONF, f"experiment.exp_dir={exp_dir}",
-                           "action=query"], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+                           "action=query"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})  # fmt: skip
 
 
 def supervisor_of(exp_dir: Path) -> int:
     return json.loads((exp_dir / "job.json").read_text())["info"]["supervisor"]["pid"]
 
 
+@needs(sshd_available(), "needs root and openssh-server (apt-get install openssh-server)")
 def test_run_leaves_a_supervisor_that_resumes_a_job_whose_rank_was_killed(tiny_data: Path, tmp_path: Path) -> None:
-    """action=run returns at once; its detached supervisor diagnoses the killed rank, relaunches from the last
-    checkpoint, sees the job complete and exits."""
+    """2 sshd hosts x 1 process: action=run returns at once; its detached supervisor diagnoses the rank killed on
+    the second host (not the first host's communication error it causes), relaunches from the last checkpoint,
+    sees the job complete and exits."""
     exp_dir = tmp_path / "exp"
-    started = start(tmp_path, tiny_data, action="run")
-    out, _ = started.communicate(timeout=120)
-    assert started.returncode == 0 and "supervisor: pid" in out, out[-3000:]
-    supervisor = supervisor_of(exp_dir)
-    assert pids_alive([supervisor])
+    cluster = SSHCluster(tmp_path / "ssh")
+    try:
+        for addr in ("127.0.0.2", "127.0.0.3"):
+            cluster.start(addr)
+        hostfile = cluster.hostfile(tmp_path / "hostfile.txt")
+        started = start(tmp_path, tiny_data, f"+experiment.runner.hostfile={hostfile}", "experiment.runner.nnodes=2",
+                        "experiment.runner.nproc_per_node=1", "+experiment.envs.GLOO_SOCKET_IFNAME=lo",
+                        action="run", env=cluster.env)
+        out, _ = started.communicate(timeout=120)
+        assert started.returncode == 0 and "supervisor: pid" in out, out[-3000:]
+        supervisor = supervisor_of(exp_dir)
+        assert pids_alive([supervisor])
+        killed_and_resumed(exp_dir, supervisor, cluster.env)
+    finally:
+        cluster.stop_all()
+
+
+def killed_and_resumed(exp_dir: Path, supervisor: int, env: dict) -> None:
     wait_until(lambda: reached(exp_dir, SAVE + 5), 300, f"iteration {SAVE + 5}")
-    victims = training_ranks(exp_dir)
-    assert len(victims) == 2, victims
-    os.kill(victims[1], signal.SIGKILL)
+    record = json.loads((exp_dir / "job.json").read_text())
+    second_host = set(group_members([record["hosts"][1]["pgid"]]))
+    victims = [pid for pid in training_ranks(exp_dir) if parent_of(pid) in second_host]
+    assert len(victims) == 1, victims
+    os.kill(victims[0], signal.SIGKILL)
     wait_until(lambda: any(e["event"] == "ended" for e in events_of(exp_dir)), 400, "end of the supervised job")
     wait_until(lambda: not pids_alive([supervisor]), 30, "supervisor exit")
     first, second = train_iterations(exp_dir)
@@ -98,8 +116,10 @@ def test_run_leaves_a_supervisor_that_resumes_a_job_whose_rank_was_killed(tiny_d
     events = events_of(exp_dir)
     assert [e["event"] for e in events] == ["launched", "failed", "launched", "ended"]
     assert events[1]["kind"] == Kind.RANK_KILLED.value and events[-1]["state"] == "COMPLETED"
-    shown = query(exp_dir)
-    assert "restarts: 1; last failure: rank" in shown.stdout and "(not running)" in shown.stdout, shown.stdout
+    shown = query(exp_dir, env)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "restarts: 1; last failure: rank 1 on host 127.0.0.3 was killed" in shown.stdout, shown.stdout
+    assert "(not running)" in shown.stdout, shown.stdout
     goodput = re.search(r"goodput: (\d\.\d+) \(.* (\d+) iteration\(s\) redone\)", shown.stdout)
     assert goodput and 0 < float(goodput.group(1)) < 1 and int(goodput.group(2)) == max(first) - (min(second) - 1)
     assert not group_members([h["pgid"] for h in record["hosts"]])
