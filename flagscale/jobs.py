@@ -203,7 +203,7 @@ def _wait_ready(launcher: Launcher, record: JobRecord, ready: ReadyCheck, on_wai
     """Wait until every ready URL answers; if the job dies or the time runs out, stop it and explain."""
     deadline = time.time() + ready.timeout_s
     while True:
-        pending = [url for url in ready.urls if not _answers(url)]
+        pending = [url for url in ready.urls if not answers(url)]
         if not pending:
             return
         state = launcher.job_state(record)
@@ -217,9 +217,10 @@ def _wait_ready(launcher: Launcher, record: JobRecord, ready: ReadyCheck, on_wai
         time.sleep(1.0)
 
 
-def _answers(url: str) -> bool:
+def answers(url: str, timeout: float = 2.0) -> bool:
+    """Whether an HTTP endpoint answers 200 (a server's readiness or health check)."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status == 200
     except (OSError, ValueError):
         return False

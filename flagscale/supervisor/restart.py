@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flagscale.config.schema import RunnerConfig
-from flagscale.jobs import JobStatus
+from flagscale.jobs import JobStatus, answers
 from flagscale.launcher.launcher import Launcher
 from flagscale.runner.metrics import MetricsSummary, parse_metrics
 from flagscale.spec.record import JobRecord, JobState
@@ -93,7 +92,7 @@ class Watchdog:
         if timeout is not None and now - self._since >= timeout:
             return "hang"
         if self.health_urls:
-            self._unhealthy = 0 if all(_answers(url) for url in self.health_urls) else self._unhealthy + 1
+            self._unhealthy = 0 if all(answers(url, timeout=5) for url in self.health_urls) else self._unhealthy + 1
             if self._unhealthy >= UNHEALTHY_POLLS:
                 return "unhealthy"
         return None
@@ -234,14 +233,6 @@ def _read_tail(path: str) -> str:
             return log.read().decode(errors="replace")
     except OSError:
         return ""
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status == 200
-    except (OSError, ValueError):
-        return False
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:
