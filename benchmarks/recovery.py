@@ -1,8 +1,9 @@
 """Recovery from killed ranks: the tiny GPT started with `run.py action=run` and experiment.runner.max_restarts (its
 detached supervisor restarts it), with N ranks killed (SIGKILL) at random times while it trains.
 
-Prints, per failure, the time from the kill to the first iteration logged after the restart (what FlagScale's
-diagnosis, stop, back-off and relaunch plus torchrun and Megatron-Core start-up cost) and the iterations redone;
+Prints, per failure, the time from the kill to the first iteration logged after the restart, split into what
+FlagScale controls (notice: poll + diagnosis; relaunch: stop, back-off, plan, start) and what the engine costs
+(start-up: torchrun, imports, initialize, build + checkpoint load; the first iteration), and the iterations redone;
 then the goodput the supervisor reports (`flagscale status`) = time spent on iterations that were kept / wall time
 from the launch to the end (a run without failures, --kills 0, gives the baseline: its own start-up and checkpoints
 already cost some). Writes
@@ -55,12 +56,12 @@ def ended(exp_dir: Path) -> bool:
     return any(e["event"] in ("ended", "gave_up") for e in events(exp_dir))
 
 
-def runs(exp_dir: Path) -> list[list[dict]]:
-    """Each launch's train events (one logs/<run id>/metrics.jsonl per launch), in launch order."""
+def runs(exp_dir: Path, kind: str = "train") -> list[list[dict]]:
+    """Each launch's `kind` events (one logs/<run id>/metrics.jsonl per launch), in launch order."""
     found = []
     for metrics in sorted(exp_dir.glob("logs/*/metrics.jsonl")):
         events = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        found.append([e for e in events if e["event"] == "train"])
+        found.append([e for e in events if e["event"] == kind])
     return found
 
 
@@ -102,20 +103,30 @@ def main() -> None:
             time.sleep(0.5)
         wall = time.time() - began
         launches = runs(exp_dir)
+        starts = [run[0] for run in runs(exp_dir, "start")]
         final = events(exp_dir)
         figure = goodput(final)
     state = final[-1].get("state")
     if state != "COMPLETED" or len(launches) != args.kills + 1 or figure is None:
         raise SystemExit(f"job {state}, {len(launches)} launches for {args.kills} kills")
     results = []
-    for kill, after in zip(kills, launches[1:]):
+    failures = [e for e in final if e["event"] == "failed"]
+    relaunches = [e for e in final if e["event"] == "launched"][1:]
+    for kill, after, failed, launched, start in zip(kills, launches[1:], failures, relaunches, starts[1:]):
         first = after[0]
+        phases = {  # FlagScale's part (notice, relaunch), then the engine's start-up and first iteration
+            "notice_s": failed["time"] - kill["time"], "relaunch_s": launched["created"] - failed["time"],
+            "startup_s": start["time"] - launched["created"], "first_iteration_s": first["time"] - start["time"],
+        }  # fmt: skip
         results.append({"killed_at": kill["at_iteration"], "resumed_at": first["iteration"] - 1,
                         "redone": kill["at_iteration"] - (first["iteration"] - 1),
-                        "recovery_s": round(first["time"] - kill["time"], 1)})  # fmt: skip
+                        "recovery_s": round(first["time"] - kill["time"], 1),
+                        "phases_s": {k: round(v, 1) for k, v in phases.items()},
+                        "startup_phases_s": start.get("startup_s", {})})  # fmt: skip
         print(f"kill at {kill['at_iteration']}: resumed from {first['iteration'] - 1}, "
               f"{results[-1]['redone']} iterations redone, first new iteration {results[-1]['recovery_s']} s "
-              "after the kill", flush=True)
+              f"after the kill = " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+              + f" (rank 0 start-up: {start.get('startup_s')})", flush=True)
     goodput_now = figure.ratio  # what `flagscale status` shows: kept iteration time / wall time since the launch
     median = round(statistics.median(r["recovery_s"] for r in results), 1) if results else None
     summary = {"kills": results, "wall_s": round(wall, 1), "iterations": args.iters,

@@ -4,7 +4,8 @@ The metrics contract (read by the launcher, `query`, progress bars and benchmark
 per line in `<metrics-dir>/metrics.jsonl`, flushed after each line, written by the one rank that
 holds the loss (last pipeline stage, TP rank 0, DP rank 0):
 
-    {"event": "start", "train_iters", "start_iteration", "world_size", "tp", "pp", "dp", "time"}
+    {"event": "start", "train_iters", "start_iteration", "world_size", "tp", "pp", "dp", "time",
+     "startup_s": {"imports", "initialize", "build"}}
     {"event": "train", "iteration", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_ms",
      "peak_mem_mb", "time"}
         + with experts: "moe_<loss>" (mean over MoE layers) and "moe_<loss>_per_layer" for each router
@@ -93,11 +94,13 @@ class Reporter:
             self._file.write(json.dumps({"event": event, **fields}) + "\n")
             self._file.flush()
 
-    def start(self, *, train_iters: int, start_iteration: int, world_size: int, tp: int, pp: int, dp: int) -> None:
-        """The run begins (or resumes at start_iteration)."""
+    def start(self, *, train_iters: int, start_iteration: int, world_size: int, tp: int, pp: int, dp: int,
+              startup_s: dict[str, float] | None = None) -> None:
+        """The run begins (or resumes at start_iteration); `startup_s`: how long this rank's start-up took, by
+        phase (imports, initialize, build)."""
         self._event(
             "start", train_iters=train_iters, start_iteration=start_iteration,
-            world_size=world_size, tp=tp, pp=pp, dp=dp, time=time.time(),
+            world_size=world_size, tp=tp, pp=pp, dp=dp, startup_s=startup_s or {}, time=time.time(),
         )
 
     def train(self, record: TrainRecord) -> None:

@@ -197,12 +197,16 @@ def build_trainer(args: argparse.Namespace, runtime: Runtime) -> tuple[Trainer, 
     return trainer, start
 
 
-def train(args: argparse.Namespace, runtime: Runtime) -> None:
-    """Build everything, train, report."""
+def train(args: argparse.Namespace, runtime: Runtime, startup_s: dict[str, float] | None = None) -> None:
+    """Build everything, train, report. `startup_s`: the seconds start-up took so far, by phase; building the
+    model, optimizer, data and loading the checkpoint is added as `build`."""
+    tick = time.time()
     trainer, start = build_trainer(args, runtime)
+    startup = {**(startup_s or {}), "build": time.time() - tick}
     trainer.reporter.start(
         train_iters=args.train_iters, start_iteration=start, world_size=runtime.world_size,
         tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size, dp=args.data_parallel_size,
+        startup_s={phase: round(seconds, 2) for phase, seconds in startup.items()},
     )
     tick = time.perf_counter()
     iteration = trainer.run(start)
@@ -210,13 +214,25 @@ def train(args: argparse.Namespace, runtime: Runtime) -> None:
     print_rank0(f"done: iteration {iteration}/{args.train_iters} in {time.perf_counter() - tick:.1f}s")
 
 
+def _process_started(fallback: float) -> float:
+    """When this process started (the interpreter's own start-up and imports count from there)."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except (ImportError, OSError):
+        return fallback
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one rank; a FlagScaleError becomes one line on stderr and exit status 1."""
     try:
+        imported = time.time()  # this module's imports (torch, Megatron-Core) are done by now
         args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         runtime = initialize(args)
+        startup = {"imports": imported - _process_started(imported), "initialize": time.time() - imported}
         try:
-            train(args, runtime)
+            train(args, runtime, startup)
         finally:
             shutdown()
     except FlagScaleError as err:

@@ -13,14 +13,12 @@ example trains with norm_epsilon 1e-5: the logits are compared both as transform
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, run_py
+from tests.helpers.checkpoints import python_json, refusals, with_args
 from tests.integration.test_convert import PROMPT, convert
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -103,28 +101,6 @@ print(json.dumps({"checked": len(equal), "equal": all(equal), "experts": get("fc
 
 # Every refusal, from the saved arguments alone, in a fresh interpreter (check_compatible reads Megatron's
 # MLA defaults): {case: the error message, or null when the conversion is accepted}.
-CHECKS = r"""
-import copy, json, sys
-import torch
-sys.path.insert(0, sys.argv[1])
-from tools.checkpoint import deepseek_v3_mapping
-from tools.checkpoint.errors import ConversionError
-saved = torch.load(sys.argv[2], weights_only=False)["args"]
-results = {}
-for case, changes in json.loads(sys.argv[3]).items():
-    args = copy.deepcopy(saved)
-    for key, value in changes.items():
-        assert hasattr(args, key), key
-        setattr(args, key, value)
-    try:
-        deepseek_v3_mapping.check_compatible(args)
-        results[case] = None
-    except ConversionError as err:
-        results[case] = str(err)
-print(json.dumps(results))
-"""
-
-
 def train_tiny(data: Path, exp: Path, *overrides: str) -> Path:
     """The tiny deepseek_v3 example trained ITERS iterations (saved at the end); its checkpoint folder."""
     proc = run_py("--config-path", str(REPO / "examples/deepseek_v3/conf"), "--config-name", "train_tiny",
@@ -148,16 +124,9 @@ def deepseek_checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactor
     return train_tiny(tiny_data, tmp_path_factory.mktemp("deepseek_v3"))
 
 
-def _python(*args: str) -> dict:
-    """Run a program in a fresh interpreter; its last stdout line, as JSON."""
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _converted_matches(checkpoints: Path, hf: Path) -> dict:
     """Compare the converted model's logits with Megatron's; asserts the common expectations."""
-    result = _python("-c", COMPARE, str(REPO), str(checkpoints), str(hf), PROMPT)
+    result = python_json("-c", COMPARE, str(REPO), str(checkpoints), str(hf), PROMPT)
     assert result["class"] == "DeepseekV3ForCausalLM" and not result["missing"] and not result["unexpected"], result
     assert result["shapes"][0] == result["shapes"][1], result
     tolerance = 1e-4 * max(1.0, result["scale"])
@@ -185,7 +154,7 @@ def test_deepseek_v3_converts_and_matches_megatron(deepseek_checkpoint: Path, tm
         "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
         "first_k_dense_replace": 1, "rope_interleave": True, "num_nextn_predict_layers": 0,
         "intermediate_size": 128, "tie_word_embeddings": False}  # fmt: skip
-    raw = _python("-c", RAW_MOE, str(iteration_dir(deepseek_checkpoint)), str(hf), "[1, 2]")
+    raw = python_json("-c", RAW_MOE, str(iteration_dir(deepseek_checkpoint)), str(hf), "[1, 2]")
     assert raw == {"checked": 2 * (4 + 2 * 4), "equal": True, "experts": 4, "bias_moved": True,
                    "bias_dtype": "torch.float32", "mtp_tensors": 0}, raw  # fmt: skip
     print(_converted_matches(deepseek_checkpoint, hf))
@@ -258,33 +227,17 @@ ACCEPTED = {
 
 def test_what_deepseek_v3_cannot_express_is_refused(deepseek_checkpoint: Path) -> None:
     cases = {case: changes for case, (changes, _) in REFUSED.items()} | ACCEPTED
-    results = _python("-c", CHECKS, str(REPO), str(iteration_dir(deepseek_checkpoint) / "common.pt"), json.dumps(cases))
+    results = refusals(iteration_dir(deepseek_checkpoint) / "common.pt",
+                       "tools.checkpoint.deepseek_v3_mapping:check_compatible", cases)
     for case, (_, message) in REFUSED.items():
         assert results[case] and message in results[case], (case, results[case])
         assert results[case].startswith("this checkpoint has no Hugging Face DeepseekV3 equivalent: "), results[case]
     assert {case: results[case] for case in ACCEPTED} == dict.fromkeys(ACCEPTED), results
 
 
-def _with_args(checkpoints: Path, dest: Path, **changes: object) -> Path:
-    """A copy of the checkpoint's tracker and saved arguments only (no weights), with `changes` made."""
-    import torch
-
-    source, copy = iteration_dir(checkpoints), iteration_dir(dest)
-    copy.mkdir(parents=True)
-    shutil.copy2(checkpoints / "latest_checkpointed_iteration.txt", dest)
-    for name in ("common.pt", "metadata.json"):
-        shutil.copy2(source / name, copy / name)
-    common = torch.load(copy / "common.pt", weights_only=False)
-    for key, value in changes.items():
-        setattr(common["args"], key, value)
-    torch.save(common, copy / "common.pt")
-    return dest
-
-
 def test_refusal_is_one_line_before_any_weight_is_read(deepseek_checkpoint: Path, tmp_path: Path) -> None:
-    checkpoints = _with_args(
-        deepseek_checkpoint, tmp_path / "ckpt", moe_router_score_function="softmax", moe_shared_expert_gate=True
-    )
+    checkpoints = with_args(deepseek_checkpoint, iteration_dir(deepseek_checkpoint).name, tmp_path / "ckpt",
+                            moe_router_score_function="softmax", moe_shared_expert_gate=True)
     done = convert(checkpoints, tmp_path / "hf")
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("error: this checkpoint has no Hugging Face DeepseekV3 equivalent: "), done.stderr

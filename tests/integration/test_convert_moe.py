@@ -8,14 +8,12 @@ refused in one line, before any weights are read.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers.checkpoints import python_json, refusals, with_args
 from tests.integration.test_convert import PROMPT, convert
 from tests.integration.test_train_moe import EXPERT_PARALLEL, MIXTRAL
 from tests.integration.test_train_program import data_args, torchrun
@@ -91,13 +89,6 @@ def mixtral_checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory
     return root / "checkpoints"
 
 
-def _python(*args: str) -> dict:
-    """Run a program in a fresh interpreter; its last stdout line, as JSON."""
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_mixtral_converts_and_matches_megatron(mixtral_checkpoint: Path, tmp_path: Path) -> None:
     hf = tmp_path / "hf"
     done = convert(mixtral_checkpoint, hf)
@@ -109,46 +100,40 @@ def test_mixtral_converts_and_matches_megatron(mixtral_checkpoint: Path, tmp_pat
                                    "num_key_value_heads", "router_jitter_noise", "tie_word_embeddings")} == {
         "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96, "head_dim": 32,
         "num_key_value_heads": 2, "router_jitter_noise": 0.0, "tie_word_embeddings": False}  # fmt: skip
-    raw = _python("-c", RAW_EXPERTS, str(mixtral_checkpoint / ITERATION_DIR), str(hf))
+    raw = python_json("-c", RAW_EXPERTS, str(mixtral_checkpoint / ITERATION_DIR), str(hf))
     assert raw == {"checked": 2 * (1 + 2 * 4), "equal": True, "shape": [2, 4, 192, 64], "distinct_experts": 4}, raw
-    result = _python("-c", COMPARE, str(REPO), str(mixtral_checkpoint), str(hf), PROMPT)
+    result = python_json("-c", COMPARE, str(REPO), str(mixtral_checkpoint), str(hf), PROMPT)
     assert result["class"] == "MixtralForCausalLM" and not result["missing"] and not result["unexpected"], result
     assert result["max_abs_diff"] < 1e-4 * max(1.0, result["scale"]), result
     assert result["argmax_equal"], result
     assert result["generated"].strip(), result
 
 
-def _with_args(checkpoint: Path, dest: Path, **changes: object) -> Path:
-    """A copy of the checkpoint's tracker and saved arguments only (no weights), with `changes` made."""
-    import torch
-
-    (dest / ITERATION_DIR).mkdir(parents=True)
-    shutil.copy2(checkpoint / "latest_checkpointed_iteration.txt", dest)
-    for name in ("common.pt", "metadata.json"):
-        shutil.copy2(checkpoint / ITERATION_DIR / name, dest / ITERATION_DIR / name)
-    common = torch.load(dest / ITERATION_DIR / "common.pt", weights_only=False)
-    for key, value in changes.items():
-        assert hasattr(common["args"], key), key
-        setattr(common["args"], key, value)
-    torch.save(common, dest / ITERATION_DIR / "common.pt")
-    return dest
+MIXTRAL_REFUSED = {
+    "mla": ({"multi_latent_attention": True}, "no Hugging Face DeepseekV3 equivalent: qk_layernorm must be true"),
+    "pre_softmax": ({"moe_router_pre_softmax": True}, "moe_router_pre_softmax must be false"),
+    "sigmoid": ({"moe_router_score_function": "sigmoid"}, "moe_router_score_function must be softmax"),
+    "shared_expert": ({"moe_shared_expert_intermediate_size": 64}, "Mixtral has no shared expert"),
+    "token_dropping": ({"moe_expert_capacity_factor": 1.0}, "moe_expert_capacity_factor must be unset"),
+    "dense_layer": ({"moe_layer_freq": [0, 1]}, "every layer must be an MoE layer"),
+}
 
 
-@pytest.mark.parametrize(
-    ("changes", "message"),
-    [
-        ({"multi_latent_attention": True}, "no Hugging Face DeepseekV3 equivalent: qk_layernorm must be true"),
-        ({"moe_router_pre_softmax": True}, "moe_router_pre_softmax must be false"),
-        ({"moe_router_score_function": "sigmoid"}, "moe_router_score_function must be softmax"),
-        ({"moe_shared_expert_intermediate_size": 64}, "Mixtral has no shared expert"),
-        ({"moe_expert_capacity_factor": 1.0}, "moe_expert_capacity_factor must be unset"),
-        ({"moe_layer_freq": [0, 1]}, "every layer must be an MoE layer"),
-    ],
-    ids=["mla", "pre_softmax", "sigmoid", "shared_expert", "token_dropping", "dense_layer"],
-)
-def test_what_mixtral_cannot_express_is_one_line(mixtral_checkpoint: Path, tmp_path: Path, changes: dict,
-                                                 message: str) -> None:  # fmt: skip
+def test_what_mixtral_cannot_express_is_refused(mixtral_checkpoint: Path) -> None:
+    """The converter's check (which picks the mapping from the saved arguments) on each changed copy."""
+    cases = {case: changes for case, (changes, _) in MIXTRAL_REFUSED.items()}
+    found = refusals(mixtral_checkpoint / ITERATION_DIR / "common.pt", "tools.checkpoint.convert_megatron_to_hf:check",
+                     cases)  # fmt: skip
+    for case, (_, message) in MIXTRAL_REFUSED.items():
+        assert found[case] and message in found[case], (case, found[case])
+    assert refusals(mixtral_checkpoint / ITERATION_DIR / "common.pt", "tools.checkpoint.convert_megatron_to_hf:check",
+                    {"as_trained": {}}) == {"as_trained": None}  # fmt: skip
+
+
+def test_a_refusal_is_one_line_before_any_weight_is_read(mixtral_checkpoint: Path, tmp_path: Path) -> None:
     """Refused from the saved arguments alone: the copy has no weights to read."""
-    done = convert(_with_args(mixtral_checkpoint, tmp_path / "ckpt", **changes), tmp_path / "hf")
-    assert done.returncode == 1 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    done = convert(with_args(mixtral_checkpoint, ITERATION_DIR, tmp_path / "ckpt", moe_layer_freq=[0, 1]),
+                   tmp_path / "hf")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "every layer must be an MoE layer" in done.stderr, done.stderr
     assert done.stderr.startswith("error: ") and not (tmp_path / "hf").exists()

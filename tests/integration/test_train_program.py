@@ -87,6 +87,9 @@ def test_converges_and_reports(tiny_data: Path, tmp_path: Path, layout: list[str
     assert {k: start[k] for k in ("tp", "pp", "dp", "world_size", "train_iters", "start_iteration")} == {
         **sizes, "world_size": 2, "train_iters": 40, "start_iteration": 0,
     }  # fmt: skip
+    startup = start["startup_s"]  # where a (re)start's time goes, by phase
+    assert set(startup) == {"imports", "initialize", "build"} and all(0 <= s < 300 for s in startup.values())
+    assert startup["imports"] > 0.5, startup  # the interpreter and torch + Megatron-Core, counted from process start
     losses = train_losses(metrics)
     assert sorted(losses) == [5, 10, 15, 20, 25, 30, 35, 40]
     assert losses[40] < losses[5] - 1.5, losses
