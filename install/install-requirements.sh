@@ -7,7 +7,8 @@
 #   bash install/install-requirements.sh --env all         # train + inference + test tools (what CI uses)
 #
 # Options: --venv DIR (default: .venv in the repo root), --python PY (default: python3.11),
-#          --system (as root: also apt-get install openssh-server and iproute2, which the multi-host tests use).
+#          --system (as root: also apt-get install openssh-server, iproute2, slurm-wlm and munge, which the
+#          multi-host and Slurm tests use).
 # Idempotent: re-running only installs what is missing. No conda required.
 set -euo pipefail
 
@@ -38,6 +39,9 @@ if [ $with_system = 1 ]; then
   missing=()
   command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  # a real Slurm (slurmctld, slurmd, clients) and munge, which the Slurm tests run as a private cluster
+  [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && command -v sbatch >/dev/null 2>&1 || missing+=(slurm-wlm)
+  [ -x /usr/sbin/munged ] || missing+=(munge)
   if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" = 0 ] || { echo "install-requirements.sh: --system needs root (missing: ${missing[*]})" >&2; exit 2; }
     echo "==> installing system packages: ${missing[*]}"
