@@ -15,12 +15,13 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from flagscale.config.loader import JobConfig, select_hosts, unused_variable_error
 from flagscale.exceptions import ConfigError, FlagScaleError, JobRecordError, LaunchError
-from flagscale.launcher.launcher import HostStatus, Launcher, StopResult, job_state
+from flagscale.launcher.launcher import HostStatus, Launcher, StopResult
 from flagscale.runner.base import PlanContext, TaskRunner, runner_for
 from flagscale.runner.metrics import MetricsSummary, read_metrics
 from flagscale.spec.plan import Plan, ReadyCheck
@@ -45,6 +46,8 @@ class JobStatus:
     state: JobState
     hosts: list[HostStatus]
     metrics: MetricsSummary | None
+    scheduler: Any = None
+    """What the scheduler says of the job (a Slurm job: flagscale.launcher.slurm.SlurmJob); None without one."""
 
 
 @dataclass(slots=True)
@@ -85,12 +88,19 @@ def prepare(job: JobConfig, exclude: Sequence[str] = ()) -> tuple[TaskRunner, Pl
     return runner, ctx
 
 
-def launcher_settings(job: JobConfig) -> LauncherSettings:
-    """What a launcher needs; kept in the job record so stop/query need no config."""
+def launcher_settings(job: JobConfig, exclude: Sequence[str] = ()) -> LauncherSettings:
+    """What a launcher needs; kept in the job record so stop/query need no config. On Slurm, `exclude` (nodes an
+    earlier launch lost) is left out of the allocation."""
     runner = job.experiment.runner
+    slurm = None
+    if runner.type == "slurm":
+        from flagscale.launcher.slurm import settings_of
+
+        slurm = settings_of(runner, job.experiment.exp_name, job.experiment.envs, tuple(exclude),
+                            shared=(str(job.exp_dir), os.getcwd()))
     return LauncherSettings(ssh_port=runner.ssh_port, strict_host_key_checking=runner.ssh_strict_host_key_checking,
                             connect_timeout=runner.ssh_connect_timeout, no_shared_fs=runner.no_shared_fs,
-                            stop_timeout=runner.stop_timeout, python=job.python)
+                            stop_timeout=runner.stop_timeout, python=job.python, executor=runner.type, slurm=slurm)
 
 
 def launch(job: JobConfig, on_note: Progress = _quiet, on_wait: Progress = _quiet, exclude: Sequence[str] = (),
@@ -102,16 +112,17 @@ def launch(job: JobConfig, on_note: Progress = _quiet, on_wait: Progress = _quie
     runner, ctx = prepare(job, exclude)
     if not relaunch:
         refuse_if_running(job)
-    with Launcher.from_settings(launcher_settings(job)) as launcher:
+    settings = launcher_settings(job, exclude)
+    with Launcher.from_settings(settings) as launcher:
         facts = launcher.connect_all(ctx.hosts, ctx.hosts[0], ctx.master_port, ctx.job_device_env)
         ctx.master_port = facts.port
         _use_host_devices(runner, ctx, facts.devices)
         plan = runner.plan(ctx)
         for note in plan.notes:
             on_note(note)
-        _check_ports(launcher, plan)
+        launcher.check_ports(plan)
         _save_config(job, plan)
-        record = launcher.launch(plan, _record_base(job, plan))
+        record = launcher.launch(plan, _record_base(job, plan, settings))
         try:
             remember_last_job(record.exp_dir)
             if plan.ready is not None:
@@ -149,8 +160,9 @@ def status(exp_dir: str | Path) -> JobStatus:
 def status_of(launcher: Launcher, record: JobRecord) -> JobStatus:
     """`status` through a launcher the caller already holds (a watch loop keeps its connections)."""
     statuses = launcher.status(record)
-    state = job_state(statuses, record.stop_requested_at is not None)
-    return JobStatus(record=record, state=state, hosts=statuses, metrics=metrics(launcher, record))
+    state = launcher.state_of(record, statuses)
+    return JobStatus(record=record, state=state, hosts=statuses, metrics=metrics(launcher, record),
+                     scheduler=launcher.scheduler(record))
 
 
 def metrics(launcher: Launcher, record: JobRecord) -> MetricsSummary | None:
@@ -175,7 +187,7 @@ def refuse_if_running(job: JobConfig) -> None:
     else:
         with Launcher.from_settings(previous.settings) as launcher:
             state = launcher.job_state(previous)
-    if state in (JobState.RUNNING, JobState.UNKNOWN):
+    if state in (JobState.PENDING, JobState.RUNNING, JobState.UNKNOWN):
         raise FlagScaleError(
             f"job {previous.run_id} in {job.exp_dir} is {state.value}; stop it first "
             f"(python run.py {config_args(job)} action=stop) or use another experiment.exp_dir"
@@ -189,14 +201,6 @@ def _use_host_devices(runner: TaskRunner, ctx: PlanContext, devices: dict) -> No
     if [ctx.nproc(h) for h in ctx.hosts] != before:
         ctx.notes = list(ctx.job.notes)
         runner.validate(ctx)
-
-
-def _check_ports(launcher: Launcher, plan: Plan) -> None:
-    """Every port the plan listens on must be free on its host (hostctl `port`), before anything starts."""
-    for check in plan.ports_to_check:
-        answer = launcher.hostctl(check.host, "port", str(check.port))
-        if "error" in answer:
-            raise LaunchError(f"host {check.host.name}: {answer['error']}; nothing was started. {check.fix}")
 
 
 def _wait_ready(launcher: Launcher, record: JobRecord, ready: ReadyCheck, on_wait: Progress) -> None:
@@ -226,11 +230,11 @@ def answers(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _record_base(job: JobConfig, plan: Plan) -> dict:
+def _record_base(job: JobConfig, plan: Plan, settings: LauncherSettings) -> dict:
     return {
         "run_id": plan.run_id, "task_type": plan.task_type, "exp_name": job.experiment.exp_name,
         "exp_dir": plan.exp_dir, "log_dir": plan.log_dir, "created_at": time.time(),
-        "settings": launcher_settings(job), "master_addr": plan.master_addr, "master_port": plan.master_port,
+        "settings": settings, "master_addr": plan.master_addr, "master_port": plan.master_port,
         "after_stop": plan.after_stop, "info": plan.info,
     }  # fmt: skip
 

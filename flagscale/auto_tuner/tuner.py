@@ -303,7 +303,7 @@ def stop_orphan_trials(directory: Path, history: History) -> None:
                 state = launcher.job_state(record)
         except FlagScaleError:
             continue
-        if state in (JobState.RUNNING, JobState.UNKNOWN):
+        if state in (JobState.PENDING, JobState.RUNNING, JobState.UNKNOWN):
             console.print(f"stopping {trial_dir.name}, left running by an interrupted session")
             jobs.stop(trial_dir)
 

@@ -233,10 +233,19 @@ def _resolve_hostfile(path: str, source: ConfigSource) -> Path:
     return beside if beside.exists() else given
 
 
+def slurm_nodes(runner: RunnerConfig) -> list[Host]:
+    """A Slurm job's nodes as a plan knows them before the scheduler names them: node0, node1, ... (node0 is the
+    first node of the allocation, node i the one whose SLURM_NODEID is i)."""
+    slots = runner.slurm.ntasks_per_node or runner.slurm.gpus_per_node or 0
+    return [Host(name=f"node{i}", slots=slots, type=runner.slurm.device_type) for i in range(runner.nnodes or 1)]
+
+
 def select_hosts(job: JobConfig, exclude: Sequence[str] = ()) -> list[Host]:
     """The hosts the job runs on: the first `nnodes` of the hostfile (skipping hosts named in `exclude`: the
     ones after nnodes are spares), or this machine."""
     runner = job.experiment.runner
+    if runner.type == "slurm":
+        return slurm_nodes(runner)
     if runner.hostfile is None:
         if runner.nnodes not in (None, 1):
             raise ConfigError(f"experiment.runner.nnodes={runner.nnodes} needs a hostfile (experiment.runner.hostfile)")

@@ -16,13 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from flagscale.config.sbatch import check_extra_args
 from flagscale.exceptions import ConfigError
 
 ACTIONS = ("run", "dryrun", "test", "stop", "query", "auto_tune")
 TASK_TYPES = ("train", "inference", "serve")
 UNSUPPORTED_TASKS = ("compress", "rl")
 """Upstream FlagScale task types this project does not run."""
-RUNNER_TYPES = ("ssh",)
+RUNNER_TYPES = ("ssh", "slurm")
 BACKENDS = {"train": ("megatron",), "inference": ("vllm",), "serve": ("vllm",)}
 
 
@@ -83,9 +84,58 @@ class DeployConfig:
 
 
 @dataclass(slots=True, kw_only=True)
+class SlurmConfig:
+    """`experiment.runner.slurm`: the batch job that `runner.type: slurm` submits (the #SBATCH header)."""
+
+    partition: str | None = None
+    """--partition (default: the cluster's default partition)."""
+    account: str | None = None
+    """--account to charge."""
+    qos: str | None = None
+    """--qos."""
+    time: str | None = None
+    """--time limit, as sbatch takes it (minutes, or [D-]HH:MM:SS)."""
+    nodes: int | None = None
+    """--nodes (the same as experiment.runner.nnodes; default 1)."""
+    ntasks_per_node: int | None = None
+    """Processes per node that torchrun starts (default: gpus_per_node, else experiment.runner.nproc_per_node, else
+    1). Slurm itself runs one task per node: FlagScale's per-node script, which starts torchrun."""
+    gpus_per_node: int | None = None
+    """--gpus-per-node."""
+    exclusive: bool = False
+    """--exclusive: the nodes are the job's alone."""
+    constraint: str | None = None
+    """--constraint (node features)."""
+    reservation: str | None = None
+    """--reservation."""
+    extra_sbatch_args: list[str] = field(default_factory=list)
+    """More sbatch options, e.g. ["--mem=0", "--gres=gpu:8"]; each is checked against sbatch's own options."""
+    container_image: str | None = None
+    """Run every node's part inside this image (pyxis: srun --container-image); needs the pyxis plugin."""
+    container_mounts: str | None = None
+    """pyxis --container-mounts (e.g. /data:/data); the experiment dir and the launching directory are always
+    mounted at their own paths (the node scripts are there)."""
+    device_type: str | None = None
+    """The device type of the nodes (selects experiment.envs.device_type_specific and per-type runner settings)."""
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "ntasks_per_node", "gpus_per_node"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"experiment.runner.slurm.{name} must be a positive integer, got {value!r}")
+        if not all(isinstance(a, str) for a in self.extra_sbatch_args):
+            raise ConfigError("experiment.runner.slurm.extra_sbatch_args must be a list of strings")
+        check_extra_args(self.extra_sbatch_args, "experiment.runner.slurm.extra_sbatch_args")
+        if self.container_mounts and not self.container_image:
+            raise ConfigError("experiment.runner.slurm.container_mounts needs container_image")
+
+
+@dataclass(slots=True, kw_only=True)
 class RunnerConfig:
     type: str = "ssh"
-    """Where hosts come from: ssh (a hostfile, or this machine)."""
+    """Where hosts come from: ssh (a hostfile, or this machine), or slurm (a batch job; see runner.slurm)."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """The Slurm batch job of runner.type slurm."""
     backend: str = "torchrun"
     """How processes start on each host: torchrun, or direct (the entrypoint once per host, no torchrun)."""
     nnodes: int | None = None
@@ -162,6 +212,23 @@ class RunnerConfig:
             raise ConfigError(f"experiment.runner.backend must be 'torchrun' or 'direct', got '{self.backend}'")
         if self.rdzv_backend not in ("static", "c10d"):
             raise ConfigError("experiment.runner.rdzv_backend must be 'static' or 'c10d'")
+        if self.type == "slurm":
+            self._check_slurm()
+
+    def _check_slurm(self) -> None:
+        """What does not go with a Slurm job, and the node count given twice."""
+        slurm = self.slurm
+        if self.hostfile is not None:
+            raise ConfigError("experiment.runner.hostfile: on Slurm the scheduler picks the nodes; remove the "
+                              "hostfile (or set runner.type: ssh), and set runner.slurm.nodes")
+        if self.no_shared_fs:
+            raise ConfigError("experiment.runner.no_shared_fs: a Slurm job needs exp_dir on a file system every "
+                              "node shares (scripts and logs are written there)")
+        if self.docker is not None:
+            raise ConfigError("experiment.runner.docker: on Slurm use runner.slurm.container_image (pyxis)")
+        if slurm.nodes and self.nnodes and slurm.nodes != self.nnodes:
+            raise ConfigError(f"experiment.runner.nnodes={self.nnodes} but runner.slurm.nodes={slurm.nodes}; set one")
+        self.nnodes = self.nnodes or slurm.nodes or 1
 
 
 @dataclass(slots=True, kw_only=True)

@@ -40,7 +40,8 @@ class HostStatus:
 class HostFacts:
     """What the hosts said before the launch: the master's free rendezvous port, each host's visible devices."""
 
-    port: int
+    port: int | None
+    """None: chosen where the job runs (a Slurm job's first node)."""
     devices: dict[Host, int | None]
 
 
@@ -64,7 +65,11 @@ class Launcher:
 
     @classmethod
     def from_settings(cls, settings: LauncherSettings) -> Launcher:
-        """The launcher a job record's settings describe."""
+        """The launcher a job record's settings describe: SSH fan-out (local hosts included), or Slurm."""
+        if settings.executor == "slurm":
+            from flagscale.launcher.slurm import SlurmLauncher
+
+            return SlurmLauncher(settings)
         ssh = SSHSettings(port=settings.ssh_port, strict_host_key_checking=settings.strict_host_key_checking,
                           connect_timeout=settings.connect_timeout)
         return cls(ssh=ssh, python=settings.python, shared_fs=not settings.no_shared_fs)
@@ -130,6 +135,25 @@ class Launcher:
             )
         return answer
 
+    def check_ports(self, plan: Plan) -> None:
+        """Every port the plan listens on must be free on its host (hostctl `port`), before anything starts."""
+        for check in plan.ports_to_check:
+            answer = self.hostctl(check.host, "port", str(check.port))
+            if "error" in answer:
+                raise LaunchError(f"host {check.host.name}: {answer['error']}; nothing was started. {check.fix}")
+
+    def submit_command(self, plan: Plan) -> list[str] | None:
+        """The command that hands the written scripts to a scheduler (None: each host's script is started)."""
+        return None
+
+    def scheduler(self, record: JobRecord) -> Any:
+        """What a scheduler says of the job (None: no scheduler; see SlurmLauncher.scheduler)."""
+        return None
+
+    def resolve(self, record: JobRecord, text: str) -> str | None:
+        """`text` with the values the running job chose filled in (None: not known yet); nothing to fill here."""
+        return text
+
     def launch(self, plan: Plan, record_base: dict[str, Any]) -> JobRecord:
         """Start every host's script and save the job record. Whatever ends the launch early (a host that
         fails, a malformed answer, a time-out, Ctrl-C), the hosts that started are stopped and the record is
@@ -137,7 +161,8 @@ class Launcher:
         record = JobRecord(hosts=[], **record_base)
         started: dict[int, HostRecord] = {}
         try:
-            self._write_scripts(plan)
+            if self.shared_fs:
+                self.write_scripts(plan)
             outcomes = parallel(list(enumerate(plan.processes)), lambda item: self._start_one(plan, *item, started))
         except BaseException:
             self._roll_back_start(plan, record, started)
@@ -152,12 +177,13 @@ class Launcher:
         record.save()
         return record
 
-    def _write_scripts(self, plan: Plan) -> None:
-        """On a shared file system, every host's script is written here (owner only)."""
-        if self.shared_fs:
-            private_dirs(plan.log_dir, plan.scripts_dir)
-        for spec in plan.processes if self.shared_fs else []:
+    def write_scripts(self, plan: Plan) -> list[str]:
+        """Every host's script, written here (owner only): what a launch on a shared file system starts, and
+        what a dryrun shows. Returns their paths."""
+        private_dirs(plan.log_dir, plan.scripts_dir)
+        for spec in plan.processes:
             write_private(plan.script_path(spec), render_script(plan, spec), SCRIPT_MODE)
+        return [plan.script_path(spec) for spec in plan.processes]
 
     def _start_one(self, plan: Plan, index: int, spec: ProcessSpec, started: dict[int, HostRecord]) -> HostRecord:
         """Start one host's script; its record goes into `started` as soon as the host reports a process."""
@@ -304,7 +330,11 @@ class Launcher:
 
     def job_state(self, record: JobRecord) -> JobState:
         """The recorded job's state now, from every host."""
-        return job_state(self.status(record), record.stop_requested_at is not None)
+        return self.state_of(record, self.status(record))
+
+    def state_of(self, record: JobRecord, statuses: list[HostStatus]) -> JobState:
+        """The job's state from its hosts' states (just asked with `status`)."""
+        return job_state(statuses, record.stop_requested_at is not None)
 
     def status(self, record: JobRecord) -> list[HostStatus]:
         results = parallel(record.hosts, self._status_one)
@@ -339,6 +369,8 @@ def job_state(statuses: Iterable[HostStatus], stop_requested: bool) -> JobState:
         return JobState.COMPLETED
     if JobState.RUNNING in states:
         return JobState.FAILED if JobState.FAILED in states else JobState.RUNNING
+    if JobState.PENDING in states:
+        return JobState.PENDING
     if stop_requested and JobState.UNKNOWN not in states:
         return JobState.STOPPED
     if JobState.FAILED in states:

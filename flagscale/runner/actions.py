@@ -18,10 +18,9 @@ from rich.table import Table
 from flagscale import jobs
 from flagscale.config.loader import JobConfig
 from flagscale.exceptions import FlagScaleError, HostsNotReached
-from flagscale.launcher.launcher import Launcher, job_state
+from flagscale.launcher.launcher import Launcher
 from flagscale.runner.metrics import HostsUnreachable, MetricsSummary, describe, follow_progress
-from flagscale.spec.plan import render_script
-from flagscale.spec.private import SCRIPT_MODE, private_dirs, write_private
+from flagscale.spec.plan import shell_join
 from flagscale.spec.process import is_alive, process_identity
 from flagscale.spec.record import JobRecord, JobState, load_record
 from flagscale.supervisor.restart import RestartPolicy, Supervision, diagnose_job, goodput, read_events
@@ -40,28 +39,36 @@ def dispatch(job: JobConfig) -> int:
 
 
 def dryrun(job: JobConfig) -> int:
+    """Plan and write the scripts exactly as `run` would (through the same launcher), and start nothing."""
     runner, ctx = jobs.prepare(job)
     plan = runner.plan(ctx)
     launcher = Launcher.from_settings(jobs.launcher_settings(job))
-    private_dirs(plan.log_dir, plan.scripts_dir)
+    written = launcher.write_scripts(plan)
+    submit = launcher.submit_command(plan)
     for spec in plan.processes:
-        path = Path(plan.script_path(spec))
-        write_private(path, render_script(plan, spec), SCRIPT_MODE)
-        target = "local" if spec.host.is_local else launcher.transport(spec.host).target
-        console.print(f"[bold]host {spec.host.name}[/] (node rank {spec.node_rank}, ssh target: {target})")
-        console.print(f"  script: {path}")
+        if submit is not None:
+            where = f"{spec.host.name} (the node with SLURM_NODEID {spec.node_rank})"
+            console.print(f"[bold]node {where}[/]")
+        else:
+            target = "local" if spec.host.is_local else launcher.transport(spec.host).target
+            console.print(f"[bold]host {spec.host.name}[/] (node rank {spec.node_rank}, ssh target: {target})")
+        console.print(f"  script: {plan.script_path(spec)}")
         if spec.container:
             console.print(f"  runs inside container {spec.container} (docker exec on {spec.host.name})")
-        console.print(f"  command: {shlex.join(spec.argv)}", soft_wrap=True)
+        console.print(f"  command: {shell_join(spec.argv)}", soft_wrap=True, markup=False)
+    if submit is not None:
+        console.print(f"[bold]batch script[/] {written[-1]}:")
+        console.print(Path(written[-1]).read_text().rstrip(), markup=False, soft_wrap=True)
+        console.print(f"submit: {shlex.join(submit)}", markup=False)
     for note in plan.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)
     if plan.master_port is None:
-        console.print("note: the rendezvous port is chosen at launch, free on the master host "
-                      "(set experiment.runner.master_port to fix it)")
-    if plan.task_type == "train":
+        where = "on the first node, inside the job" if submit is not None else "at launch, free on the master host"
+        console.print(f"note: the rendezvous port is chosen {where} (set experiment.runner.master_port to fix it)")
+    if plan.task_type == "train" and submit is None:
         console.print("note: dryrun does not ask the hosts: processes per host are capped by slots and by the "
                       "*_VISIBLE_DEVICES that experiment.envs sets; at launch each host's own visible devices count")
-    console.print("dryrun: nothing was started.")
+    console.print("dryrun: nothing was started." + ("" if submit is None else " Nothing was submitted to Slurm."))
     return 0
 
 
@@ -79,9 +86,12 @@ def run(job: JobConfig) -> int:
                              "from YAML files (--config-path/--config-name); nothing was started")
     record = launch(job)
     first = record.hosts[0]
-    console.print(f"[bold green]started[/] {job.experiment.task.type} job {record.run_id} on "
-                  f"{len(record.hosts)} host(s)")
+    verb = "submitted" if record.info.get("slurm") else "started"
+    console.print(f"[bold green]{verb}[/] {job.experiment.task.type} job {record.run_id} {_where(record)}")
     console.print(f"  experiment dir: {record.exp_dir}")
+    if record.info.get("slurm"):
+        console.print(f"  batch script: {record.info['slurm']['batch_script']}; its output: "
+                      f"{record.info['slurm']['output']}")
     console.print(f"  log: {first.log_path}")
     for name, url in record.info.get("urls", {}).items():
         console.print(f"  serving {name}: {url}")
@@ -95,6 +105,13 @@ def run(job: JobConfig) -> int:
     console.print(f"  query:  python run.py {config_arg} action=query")
     console.print(f"  stop:   python run.py {config_arg} action=stop")
     return 0
+
+
+def _where(record: JobRecord) -> str:
+    """`on 2 host(s)`, or `as Slurm job 12 (2 nodes)`."""
+    if record.info.get("slurm"):
+        return f"as Slurm job {record.info['slurm']['job_id']} ({len(record.hosts)} node(s))"
+    return f"on {len(record.hosts)} host(s): {', '.join(h.host.name for h in record.hosts)}"
 
 
 def _start_supervisor(job: JobConfig, record: JobRecord) -> dict:
@@ -165,8 +182,7 @@ def supervise(job: JobConfig, supervision: Supervision, first: JobRecord | None 
                 console.print(f"cannot restart: {err}", markup=False)
                 return 1
         supervision.launched(record)
-        console.print(f"started {record.run_id} on {', '.join(h.host.name for h in record.hosts)}; "
-                      f"log: {record.hosts[0].log_path}")
+        console.print(f"started {record.run_id} {_where(record)}; log: {record.hosts[0].log_path}", markup=False)
         code, final = _foreground(job, record, supervision)
         if final is None or final.state is not JobState.FAILED:
             if final is not None:
@@ -215,6 +231,7 @@ def _follow(launcher: Launcher, record: JobRecord, supervision: Supervision | No
     """Live progress until the job ends; returns its final state (HostsUnreachable if a host stays silent). The
     supervision's watchdog looks at every poll: a job it finds hung or unhealthy is stopped and ends FAILED."""
     latest: list[MetricsSummary | None] = [None]
+    scheduler_said = [""]
 
     def read() -> MetricsSummary | None:
         latest[0] = jobs.metrics(launcher, record)
@@ -222,8 +239,12 @@ def _follow(launcher: Launcher, record: JobRecord, supervision: Supervision | No
 
     def poll() -> tuple[JobState, list[str]]:
         statuses = launcher.status(record)
+        view = launcher.scheduler(record)
+        if view is not None and view.state != scheduler_said[0]:  # a Slurm job: each change of its state
+            scheduler_said[0] = view.state
+            console.print(view.line(), markup=False)
         problems = [_named(s.host.name, s.error) for s in statuses if s.error]
-        state = job_state(statuses, record.stop_requested_at is not None)
+        state = launcher.state_of(record, statuses)
         watchdog = supervision.watchdog if supervision is not None else None
         problem = watchdog.check(state, latest[0]) if watchdog is not None else None
         if problem is None:
@@ -253,13 +274,22 @@ def _finish(record: JobRecord, state: JobState, statuses: list, summary: Metrics
     console.print(f"job {record.run_id}: {state.value}; {describe(summary)}")
     if state is JobState.COMPLETED:
         return 0
+    _show_failed_logs(record, statuses)
+    codes = [s.exit_code for s in statuses if s.exit_code]
+    return codes[0] if codes else 1
+
+
+def _show_failed_logs(record: JobRecord, statuses: list) -> None:
+    """The last lines of each failed host's log (and of a Slurm job's batch output)."""
     for status, host_record in zip(statuses, record.hosts):
         if status.state is JobState.FAILED:
             console.print(f"host {status.host.name} failed (exit {status.exit_code}); last lines of "
-                          f"{host_record.log_path}:")
+                          f"{host_record.log_path}:", markup=False)
             console.print(jobs.log_tail(host_record.log_path), markup=False)
-    codes = [s.exit_code for s in statuses if s.exit_code]
-    return codes[0] if codes else 1
+    output = (record.info.get("slurm") or {}).get("output")
+    if output and Path(output).is_file():
+        console.print(f"last lines of the batch job's output {output}:", markup=False)
+        console.print(jobs.log_tail(output, lines=8), markup=False)
 
 
 def stop(job: JobConfig) -> int:
@@ -298,19 +328,25 @@ def query_job(exp_dir: str | Path) -> int:
     now = jobs.status(exp_dir)
     record, state, statuses, summary = now.record, now.state, now.hosts, now.metrics
     table = Table(title=f"{record.task_type} job {record.run_id}: {state.value}")
-    for column in ("host", "state", "pgid", "processes", "elapsed", "exit"):
+    scheduled = now.scheduler is not None  # a Slurm job: its tasks' process groups are Slurm's to track
+    for column in ("node", "state", "since", "exit") if scheduled else ("host", "state", "pgid", "processes",
+                                                                         "elapsed", "exit"):
         table.add_column(column)
     for status, host_record in zip(statuses, record.hosts):
-        elapsed = time.time() - host_record.started_at
-        table.add_row(status.host.name, status.state.value, str(host_record.pgid or "?"), str(len(status.pids)),
-                      f"{elapsed:,.0f}s", "" if status.exit_code is None else str(status.exit_code))
+        elapsed = f"{time.time() - host_record.started_at:,.0f}s"
+        code = "" if status.exit_code is None else str(status.exit_code)
+        cells = [str(host_record.pgid or "?"), str(len(status.pids))] if not scheduled else []
+        table.add_row(status.host.name, status.state.value, *cells, elapsed, code)
     console.print(table)
+    if now.scheduler is not None:
+        console.print(now.scheduler.line(), markup=False)
     for status in statuses:
         if status.error:
             console.print(f"host {status.host.name}: {status.error}")
     console.print(f"progress: {describe(summary)}")
     if state is JobState.FAILED:
         console.print(f"diagnosis: {diagnose_job(record, now).detail}", markup=False)
+        _show_failed_logs(record, statuses)
     supervisor = record.info.get("supervisor")
     if supervisor:
         _show_supervision(supervisor)

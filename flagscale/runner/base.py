@@ -14,7 +14,7 @@ from flagscale.config.hostfile import Host
 from flagscale.config.loader import JobConfig
 from flagscale.exceptions import ConfigError
 from flagscale.launcher.hostctl import VISIBLE_DEVICE_VARS, visible_devices
-from flagscale.spec.plan import Plan
+from flagscale.spec.plan import MASTER_ADDR, MASTER_PORT, Plan
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,9 +42,24 @@ class PlanContext:
         return self.exp_dir / "logs" / self.run_id
 
     @property
+    def scheduled(self) -> bool:
+        """The scheduler (Slurm) picks the nodes when the job starts: the plan's hosts are node0, node1, ..."""
+        return self.job.experiment.runner.type == "slurm"
+
+    @property
     def master_addr(self) -> str:
+        """The rendezvous address: the config's, else the first host (on Slurm: the first node's address, known
+        once the job runs: a placeholder the node's script fills in)."""
         runner = self.job.experiment.runner
-        return runner.master_addr or self.hosts[0].name
+        return runner.master_addr or (MASTER_ADDR if self.scheduled else self.hosts[0].name)
+
+    @property
+    def rendezvous_port(self) -> int | str:
+        """The rendezvous port: the config's or the one found free at launch (on Slurm: found free on the first
+        node inside the job, a placeholder); 29500 in a dryrun that did not ask."""
+        if self.master_port is None and self.scheduled:
+            return MASTER_PORT
+        return self.master_port or 29500
 
     def host_env(self, host: Host) -> dict[str, str]:
         return layered_env(self.job.experiment.envs, host.type, host.name)

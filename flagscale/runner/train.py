@@ -213,9 +213,10 @@ class TrainRunner(TaskRunner):
             return [ctx.job.python] if self._entrypoint(ctx).endswith(".py") else []
         nnodes, master = (1, "localhost") if runner.per_node_task else (len(ctx.hosts), ctx.master_addr)
         rank = 0 if runner.per_node_task else rank
-        endpoint = f"{master}:{ctx.master_port or 29500}"
+        port = ctx.rendezvous_port
+        endpoint = f"{master}:{port}"
         options: dict[str, Any] = {"nnodes": nnodes, "nproc_per_node": nproc, "node_rank": rank,
-                                   "master_addr": master, "master_port": ctx.master_port or 29500}
+                                   "master_addr": master, "master_port": port}
         if runner.rdzv_backend == "c10d":
             del options["node_rank"], options["master_addr"], options["master_port"]
             options.update(rdzv_backend="c10d", rdzv_endpoint=endpoint)

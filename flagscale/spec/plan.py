@@ -4,12 +4,38 @@ writes exactly the scripts that run would start."""
 
 from __future__ import annotations
 
+import re
 import shlex
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flagscale.config.hostfile import Host
+
+MASTER_ADDR = "@FLAGSCALE_MASTER_ADDR@"
+MASTER_PORT = "@FLAGSCALE_MASTER_PORT@"
+"""Values a scheduled (Slurm) job knows only once it runs: its first node's address and a port free there. A plan
+writes these placeholders; a node's script reads them from the variables of the same name that the batch script
+sets. Nothing else in a value is ever expanded by the shell."""
+_RUNTIME_VALUE = re.compile(r"@(FLAGSCALE_MASTER_ADDR|FLAGSCALE_MASTER_PORT)@")
+
+
+def shell_word(value: str) -> str:
+    """One shell word for `value`: quoted, except the run-time placeholders, which become "${VARIABLE}"."""
+    parts = _RUNTIME_VALUE.split(value)
+    if len(parts) == 1:
+        return shlex.quote(value)
+    return "".join(f'"${{{part}}}"' if odd else shlex.quote(part) for odd, part in
+                   ((i % 2 == 1, p) for i, p in enumerate(parts)) if odd or part)
+
+
+def shell_join(argv: Iterable[str]) -> str:
+    return " ".join(shell_word(a) for a in argv)
+
+
+def has_runtime_values(value: str) -> bool:
+    return _RUNTIME_VALUE.search(value) is not None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -84,8 +110,9 @@ class Plan:
         return str(Path(self.scripts_dir) / f"{name}.sh")
 
 
-def render_script(plan: Plan, spec: ProcessSpec) -> str:
-    """The bash script one host runs; every value is shell-quoted."""
+def render_script(plan: Plan, spec: ProcessSpec, late_env: Sequence[str] = ()) -> str:
+    """The bash script one host runs; every value is shell-quoted. `late_env`: lines after the environment that
+    set what only the node knows when it runs (a Slurm node's experiment.envs.node_specific, `case_env`)."""
     q = shlex.quote
     lines = [
         "#!/usr/bin/env bash",
@@ -94,10 +121,10 @@ def render_script(plan: Plan, spec: ProcessSpec) -> str:
         f"exit_file={q(spec.exit_file)}",
         f"mkdir -p {q(str(Path(spec.log_path).parent))}",
     ]
-    body = _job_lines(spec)
+    body = _job_lines(spec, late_env)
     if spec.container is None:
         lines += body
-        lines += ["set +e", shlex.join(spec.argv), "status=$?"]
+        lines += ["set +e", shell_join(spec.argv), "status=$?"]
     else:
         lines += _container_lines(plan, spec, body)
     lines += ["umask 077  # the job has ended: the exit file is the owner's only",
@@ -105,11 +132,23 @@ def render_script(plan: Plan, spec: ProcessSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _job_lines(spec: ProcessSpec) -> list[str]:
+def case_env(variable: str, by_value: Mapping[str, Mapping[str, str]], why: str) -> list[str]:
+    """Shell lines exporting the environment that belongs to the value of $variable (a `case` statement)."""
+    if not by_value:
+        return []
+    lines = [f'case "${{{variable}:-}}" in  # {why}']
+    for value, env in by_value.items():
+        exports = "; ".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
+        lines.append(f"  {shlex.quote(value)}) {exports or ':'} ;;")
+    return [*lines, "esac"]
+
+
+def _job_lines(spec: ProcessSpec, late_env: Sequence[str] = ()) -> list[str]:
     """cd, environment and before_start: on the host, or inside the container."""
     q = shlex.quote
     lines = [f"cd {q(spec.cwd)}"]
-    lines += [f"export {name}={q(value)}" for name, value in spec.env.items()]
+    lines += [f"export {name}={shell_word(value)}" for name, value in spec.env.items()]
+    lines += late_env
     if spec.before_start:
         lines.append("# experiment.cmds.before_start (a failure ends the script with its status)")
         lines.append("trap 'status=$?; umask 077; echo \"$status\" > \"$exit_file\"' ERR" if spec.container is None
@@ -124,7 +163,7 @@ def _container_lines(plan: Plan, spec: ProcessSpec, body: list[str]) -> list[str
     script (SIGTERM from `stop`) signals the command inside the container by the pid it recorded there."""
     q = shlex.quote
     pid_file = f"/tmp/flagscale-{plan.run_id}-{spec.host.slug}{'-' + spec.label if spec.label else ''}.pid"
-    inner = "\n".join([f"echo $$ > {q(pid_file)}", *body, f"exec {shlex.join(spec.argv)}"])
+    inner = "\n".join([f"echo $$ > {q(pid_file)}", *body, f"exec {shell_join(spec.argv)}"])
     stop_inner = f"kill -TERM $(cat {q(pid_file)}) 2>/dev/null"
     on_stop = f'docker exec "$container" bash -c {q(stop_inner)}; wait "$child"'
     return [

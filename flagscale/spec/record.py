@@ -21,6 +21,8 @@ READABLE_VERSIONS = (1, 2)
 
 
 class JobState(str, Enum):
+    PENDING = "PENDING"
+    """Waiting for the scheduler (a Slurm job in the queue)."""
     RUNNING = "RUNNING"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
@@ -31,7 +33,21 @@ class JobState(str, Enum):
         return self in (JobState.COMPLETED, JobState.FAILED, JobState.STOPPED)
 
 
-SETTINGS_VERSION = 1
+SETTINGS_VERSION = 2
+"""2: the executor (ssh or slurm) and a Slurm job's batch settings; version 1 settings load (as ssh)."""
+READABLE_SETTINGS = (1, 2)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlurmSettings:
+    """How a Slurm job is submitted (from experiment.runner.slurm): the batch header and the step's options."""
+
+    sbatch_args: list[str]
+    """The #SBATCH options, in order (--job-name, --nodes, --partition, ..., extra_sbatch_args, --exclude)."""
+    srun_args: list[str] = field(default_factory=list)
+    """Options of the srun step beyond FlagScale's own (pyxis --container-image/--container-mounts)."""
+    node_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    """experiment.envs.node_specific by Slurm node name: applied on the node that has the name."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,14 +62,19 @@ class LauncherSettings:
     no_shared_fs: bool = False
     stop_timeout: float = 15.0
     """Seconds between SIGTERM and SIGKILL when stopping."""
+    executor: str = "ssh"
+    """Where the processes run: ssh (each host, over SSH or locally) or slurm (a batch job)."""
+    slurm: SlurmSettings | None = None
     version: int = SETTINGS_VERSION
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LauncherSettings:
         """From job.json; records written before the settings had a version are version 1."""
-        if data.get("version", SETTINGS_VERSION) != SETTINGS_VERSION:
-            raise TypeError(f"launcher settings version {data.get('version')} (this one reads {SETTINGS_VERSION})")
-        return cls(**data)
+        if data.get("version", 1) not in READABLE_SETTINGS:
+            raise TypeError(f"launcher settings version {data.get('version')} (this one reads {READABLE_SETTINGS})")
+        slurm = data.get("slurm")
+        return cls(**{**data, "version": SETTINGS_VERSION,
+                      "slurm": SlurmSettings(**slurm) if isinstance(slurm, dict) else None})
 
 
 @dataclass(slots=True, kw_only=True)

@@ -82,7 +82,7 @@ class Watchdog:
         """What is wrong with a running job now: 'hang' or 'unhealthy', else None."""
         now = time.monotonic()
         iteration = summary.iteration if summary is not None else None
-        if iteration != self._iteration:
+        if iteration != self._iteration or state is JobState.PENDING:  # waiting in a queue is no hang
             self._iteration, self._since = iteration, now
         if state is not JobState.RUNNING or (summary is not None and summary.ended):
             return None

@@ -135,6 +135,38 @@ class SlurmCluster:
                 raise RuntimeError(f"no {what} within {timeout:.0f}s; logs in {self.root}")
             time.sleep(0.25)
 
+    def job_processes(self, job_id: str, node: str) -> list[int]:
+        """The processes of a job's tasks on one node (their environment names both), and the slurmstepd that
+        started them."""
+        tasks = []
+        for name in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                env = Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
+                parent = int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if f"SLURM_JOB_ID={job_id}".encode() in env and f"SLURMD_NODENAME={node}".encode() in env:
+                tasks.append((int(name), parent))
+        pids = {pid for pid, _ in tasks}
+        steps = {parent for _, parent in tasks if parent not in pids and
+                 Path(f"/proc/{parent}/cmdline").read_bytes().startswith(b"slurmstepd")}
+        return sorted(pids | steps)
+
+    def lose_node(self, node: str, job_id: str) -> list[int]:
+        """The node dies: its slurmd, and the job's slurmstepd and tasks there, are SIGKILLed (what a power loss
+        leaves Slurm to find out: the node stops answering). Returns the job's pids that were killed."""
+        index = self.node_names.index(node)
+        slurmd = self.procs[2 + index]
+        victims = self.job_processes(job_id, node)
+        os.killpg(slurmd.pid, signal.SIGKILL)
+        slurmd.wait(timeout=10)
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return victims
+
     def stop(self) -> None:
         """Stop the daemons it started, by PID, slurmd first (a job's tasks go with their slurmd's step)."""
         for proc in reversed(self.procs):

@@ -65,7 +65,7 @@ def test_batch_job_completes_and_scancel_ends_every_task(cluster: SlurmCluster, 
 
     pids = tmp_path / "pids"
     pids.mkdir()
-    script.write_text("#!/bin/bash\n#SBATCH -N 2\n"
+    script.write_text(f"#!/bin/bash\n#SBATCH -N 2\n#SBATCH --output={tmp_path}/out-%j.txt\n"
                       f"srun bash -c 'echo $$ > {pids}/$SLURM_NODEID; exec sleep 600'\n")
     job = run(cluster, "sbatch", "--parsable", str(script)).stdout.strip()
     wait_until(lambda: len(list(pids.iterdir())) == 2, 60, "both tasks running")

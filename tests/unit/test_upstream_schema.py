@@ -94,7 +94,7 @@ def test_unreferenced_experiment_key_is_an_error_with_a_suggestion(tmp_path: Pat
         ("+experiment.runner.max_restart=3", "did you mean 'max_restarts'"),
         ("experiment.runner.max_restarts=many", "experiment.runner.max_restarts must be int, got 'many'"),
         ("experiment.runner.monitor_interval=often", "monitor_interval = 'often': expected"),
-        ("+experiment.runner.type=cloud", "experiment.runner.type 'cloud' is not supported (supported: ssh)"),
+        ("+experiment.runner.type=cloud", "experiment.runner.type 'cloud' is not supported (supported: ssh, slurm)"),
     ],
 )
 def test_runner_keys(tmp_path: Path, override: str, message: str) -> None:

@@ -1,0 +1,177 @@
+"""The tiny GPT on a real Slurm cluster (tests/helpers/slurm.py: munged, slurmctld and three slurmd nodes on this
+machine) through run.py with experiment.runner.type=slurm: trains on 2 nodes x 1 process with action=test; run,
+query and stop (Slurm reports CANCELLED, no task left); a job failing on one node names that node and its log; a
+node lost mid-run is reported and, with max_restarts, the job is resubmitted excluding it and completes. Also: the
+sbatch option table in flagscale/config/data/ is the installed sbatch's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flagscale.config.sbatch import options, parse_help
+from tests.conftest import REPO, pids_alive, tiny_overrides
+from tests.helpers.requires import requirement
+from tests.helpers.slurm import SlurmCluster, slurm_available
+from tools.compat.extract_sbatch_options import sbatch_help
+
+pytestmark = pytest.mark.integration
+_slurm = requirement(slurm_available(), "needs root, slurm-wlm and munge (bash install/install-requirements.sh "
+                                        "--env all --system)")
+SLURM_CONF = ("--config-path", str(REPO / "examples/tiny_gpt/conf"), "--config-name", "train_slurm")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    started = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=3, first_address=41)
+    started.start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def run(cluster: SlurmCluster, exp: Path, data: Path, action: str, *extra: str, timeout: float = 300,
+        iters: int = 30) -> subprocess.CompletedProcess:
+    argv = [sys.executable, str(REPO / "run.py"), *SLURM_CONF, f"action={action}",
+            *tiny_overrides(data, exp, train_iters=iters, eval_interval=iters, eval_iters=1),
+            f"train.system.checkpoint.save_interval={iters}", "train.system.logging.log_interval=5", *extra]
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=cluster.env)
+
+
+def losses(exp: Path) -> list[float]:
+    events = [json.loads(line) for m in sorted(exp.glob("logs/*/metrics.jsonl")) for line in m.read_text().split("\n")
+              if line.strip()]
+    return [e["loss"] for e in events if e["event"] == "train"]
+
+
+def jobcomp(cluster: SlurmCluster, job_id: str) -> str:
+    text = cluster.jobcomp.read_text() if cluster.jobcomp.exists() else ""
+    return next((line for line in text.splitlines() if f"JobId={job_id} " in line), "")
+
+
+def record(exp: Path) -> dict:
+    return json.loads((exp / "job.json").read_text())
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f}s"
+        time.sleep(0.5)
+
+
+def test_the_sbatch_option_table_is_the_installed_sbatch_s() -> None:
+    text, version = sbatch_help()
+    live = parse_help(text)
+    assert live["long"] == options()["long"] and live["short"] == options()["short"], (
+        "flagscale/config/data/sbatch_options.json is not this sbatch's; run tools/compat/extract_sbatch_options.py")
+    assert version.split()[-1] in options()["source"]
+
+
+def test_tiny_gpt_trains_on_two_slurm_nodes(cluster: SlurmCluster, tiny_data: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    done = run(cluster, exp, tiny_data, "test")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    job_id = record(exp)["info"]["slurm"]["job_id"]
+    assert f"slurm job {job_id}: RUNNING on n1,n2" in done.stdout and "COMPLETED" in done.stdout
+    trained = losses(exp)
+    assert len(trained) == 6 and trained[-1] < trained[0] - 1.0, trained
+    assert (exp / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
+    assert "JobState=COMPLETED" in jobcomp(cluster, job_id) and "NodeCnt=2" in jobcomp(cluster, job_id)
+    log_dir = Path(record(exp)["log_dir"])
+    # one rank per node, the two ranks on two nodes: torchrun wrote each node's ranks under its own folder
+    assert sorted(p.name for p in (log_dir / "torchrun").iterdir()) == ["node0", "node1"]
+    env = dict(line.split("=", 1) for line in (log_dir / "slurm-job.env").read_text().splitlines())
+    assert env["FLAGSCALE_NODES"] == "n1 n2" and env["FLAGSCALE_MASTER_ADDR"] == "127.0.0.41"
+
+
+def test_run_query_stop_leaves_nothing_and_slurm_says_cancelled(cluster: SlurmCluster, tiny_data: Path,
+                                                                tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    started = run(cluster, exp, tiny_data, "run", iters=3000)
+    assert started.returncode == 0, started.stdout + started.stderr
+    job_id = record(exp)["info"]["slurm"]["job_id"]
+    assert f"submitted train job {record(exp)['run_id']} as Slurm job {job_id} (2 node(s))" in started.stdout
+    wait_until(lambda: len(losses(exp)) >= 2, 120, "two logged iterations")
+    tasks = cluster.job_processes(job_id, "n1") + cluster.job_processes(job_id, "n2")
+    assert tasks
+    now = run(cluster, exp, tiny_data, "query", iters=3000)
+    assert now.returncode == 0, now.stdout + now.stderr
+    assert f"slurm job {job_id}: RUNNING on n1,n2" in now.stdout and "progress: iteration" in now.stdout
+    assert now.stdout.count("RUNNING") >= 3  # the job and both nodes
+    stopped = run(cluster, exp, tiny_data, "stop", iters=3000)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stdout + stopped.stderr
+    # Slurm reported the job ended. This cluster tracks tasks by parent pid (proctrack/linuxproc, no cgroups here):
+    # a rank's data-loader workers, orphaned when their rank ends, leave by themselves within torch's 5 s check of
+    # their parent; with proctrack/cgroup (real clusters) Slurm ends them itself.
+    wait_until(lambda: not pids_alive(tasks), 10, "the job's tasks to be gone")
+    assert "JobState=CANCELLED" in jobcomp(cluster, job_id)
+    after = run(cluster, exp, tiny_data, "query", iters=3000)
+    assert "STOPPED" in after.stdout and f"slurm job {job_id}: CANCELLED" in after.stdout, after.stdout
+    again = run(cluster, exp, tiny_data, "stop", iters=3000)
+    assert "already stopped; nothing to do" in again.stdout
+
+
+def test_a_job_failing_on_one_node_names_it_and_its_log(cluster: SlurmCluster, tiny_data: Path,
+                                                        tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    fail = "+experiment.cmds.before_start='test $SLURM_NODEID != 1 || { echo no data on $SLURMD_NODENAME; false; }'"
+    done = run(cluster, exp, tiny_data, "test", fail)
+    assert done.returncode != 0, done.stdout
+    assert "host n2 failed (exit 1)" in done.stdout and "no data on n2" in done.stdout, done.stdout
+    job_id = record(exp)["info"]["slurm"]["job_id"]
+    assert "JobState=FAILED" in jobcomp(cluster, job_id)
+    now = run(cluster, exp, tiny_data, "query")
+    assert now.returncode == 1
+    assert f"slurm job {job_id}: FAILED" in now.stdout and "diagnosis: host n2 exited with code 1" in now.stdout
+    assert "no data on n2" in now.stdout, now.stdout
+
+
+def test_unknown_partition_and_too_many_nodes_are_one_line(cluster: SlurmCluster, tiny_data: Path,
+                                                           tmp_path: Path) -> None:
+    done = run(cluster, tmp_path / "a", tiny_data, "run", "experiment.runner.slurm.partition=gpu")
+    assert done.returncode != 0 and "partition 'gpu' does not exist (sinfo lists: debug)" in done.stderr + done.stdout
+    done = run(cluster, tmp_path / "b", tiny_data, "run", "experiment.runner.nnodes=4",
+               "train.model.global_batch_size=16", "train.model.micro_batch_size=4")
+    assert done.returncode != 0 and "needs 4 node(s) but partition 'debug' has 3" in done.stderr + done.stdout
+    assert not (tmp_path / "a" / "job.json").exists() and not (tmp_path / "b" / "job.json").exists()
+
+
+@pytest.mark.slow
+def test_a_lost_node_is_reported_and_the_job_resubmitted_without_it(cluster: SlurmCluster, tiny_data: Path,
+                                                                     tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    argv = [sys.executable, str(REPO / "run.py"), *SLURM_CONF, "action=test",
+            *tiny_overrides(tiny_data, exp, train_iters=60, eval_interval=1000, eval_iters=1),
+            "train.system.checkpoint.save_interval=10", "train.system.logging.log_interval=1",
+            "++experiment.runner.max_restarts=1", "++experiment.runner.restart_backoff=1"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=cluster.env)
+    try:
+        wait_until(lambda: len(losses(exp)) >= 15, 180, "15 iterations")
+        first = record(exp)
+        job_id = first["info"]["slurm"]["job_id"]
+        assert cluster.lose_node("n2", job_id), "no process of the job on n2"
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert "Slurm reports node n2" in out and "without host n2" in out, out[-4000:]
+    second = record(exp)
+    assert second["run_id"] != first["run_id"]
+    batch = Path(second["info"]["slurm"]["batch_script"]).read_text()
+    assert "#SBATCH --exclude=n2" in batch
+    env = dict(line.split("=", 1) for line in (Path(second["log_dir"]) / "slurm-job.env").read_text().splitlines())
+    assert env["FLAGSCALE_NODES"] == "n1 n3"
+    assert max(int(i) for i in (exp / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().split()) == 60
+    events = [json.loads(line) for line in Path(second["info"]["supervisor"]["events"]).read_text().splitlines()]
+    failed = [e for e in events if e["event"] == "failed"]
+    assert failed and failed[0]["kind"] == "host lost" and failed[0]["restart"], failed
