@@ -127,6 +127,7 @@ def launch(job: JobConfig, on_note: Progress = _quiet, on_wait: Progress = _quie
             remember_last_job(record.exp_dir)
             if plan.ready is not None:
                 _wait_ready(launcher, record, plan.ready, on_wait)
+                _resolve_urls(launcher, record)
         except BaseException:  # Ctrl-C or any error before the launch is complete: stop what started
             launcher.roll_back(record, record.settings.stop_timeout)
             raise
@@ -207,7 +208,9 @@ def _wait_ready(launcher: Launcher, record: JobRecord, ready: ReadyCheck, on_wai
     """Wait until every ready URL answers; if the job dies or the time runs out, stop it and explain."""
     deadline = time.time() + ready.timeout_s
     while True:
-        pending = [url for url in ready.urls if not answers(url)]
+        resolved = [launcher.resolve(record, url) for url in ready.urls]  # None: the job has not chosen them yet
+        pending = [url if real is None else real for url, real in zip(ready.urls, resolved)
+                   if real is None or not answers(real)]
         if not pending:
             return
         state = launcher.job_state(record)
@@ -219,6 +222,15 @@ def _wait_ready(launcher: Launcher, record: JobRecord, ready: ReadyCheck, on_wai
                               f"{record.hosts[0].log_path}:\n{log_tail(record.hosts[0].log_path)}")
         on_wait(f"waiting for {pending[0]} ({time.time() - record.created_at:.0f}s)")
         time.sleep(1.0)
+
+
+def _resolve_urls(launcher: Launcher, record: JobRecord) -> None:
+    """The served URLs as the running job chose them (a Slurm node's address), kept in the record."""
+    urls = record.info.get("urls") or {}
+    resolved = {name: launcher.resolve(record, url) or url for name, url in urls.items()}
+    if resolved != urls:
+        record.info["urls"] = resolved
+        record.save()
 
 
 def answers(url: str, timeout: float = 2.0) -> bool:

@@ -30,7 +30,7 @@ from flagscale.config.schema import RunnerConfig
 from flagscale.exceptions import ConfigError, LaunchError
 from flagscale.launcher.launcher import HostFacts, HostStatus, Launcher, StopResult
 from flagscale.launcher.transport import CommandResult, SSHSettings, Transport
-from flagscale.spec.plan import Plan, ProcessSpec, case_env, render_script
+from flagscale.spec.plan import Plan, ProcessSpec, case_env, fill_runtime_values, render_script
 from flagscale.spec.private import SCRIPT_MODE, private_dirs, write_private
 from flagscale.spec.record import HostRecord, JobRecord, JobState, LauncherSettings, SlurmSettings
 
@@ -360,12 +360,7 @@ class SlurmLauncher(Launcher):
 
     def resolve(self, record: JobRecord, text: str) -> str | None:
         """`text` with the job's run-time values (first node's address, port) filled in; None before it runs."""
-        values = job_env(self, record)
-        if "@FLAGSCALE_" not in text:
-            return text
-        if "FLAGSCALE_MASTER_ADDR" not in values:
-            return None
-        return re.sub(r"@(FLAGSCALE_MASTER_ADDR|FLAGSCALE_MASTER_PORT)@", lambda m: values.get(m.group(1), ""), text)
+        return fill_runtime_values(text, job_env(self, record))
 
 
 def job_env(launcher: Launcher, record: JobRecord) -> dict[str, str]:

@@ -282,6 +282,8 @@ def _finish(record: JobRecord, state: JobState, statuses: list, summary: Metrics
 def _show_failed_logs(record: JobRecord, statuses: list) -> None:
     """The last lines of each failed host's log (and of a Slurm job's batch output)."""
     for status, host_record in zip(statuses, record.hosts):
+        if status.error:
+            console.print(_named(status.host.name, status.error), markup=False)
         if status.state is JobState.FAILED:
             console.print(f"host {status.host.name} failed (exit {status.exit_code}); last lines of "
                           f"{host_record.log_path}:", markup=False)

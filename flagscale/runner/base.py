@@ -53,6 +53,11 @@ class PlanContext:
         runner = self.job.experiment.runner
         return runner.master_addr or (MASTER_ADDR if self.scheduled else self.hosts[0].name)
 
+    def address(self, host: Host) -> str:
+        """How processes reach a host: its name; on Slurm, the first node's address (filled in when the job runs;
+        the other nodes' addresses are not planned)."""
+        return MASTER_ADDR if self.scheduled and host == self.hosts[0] else host.name
+
     @property
     def rendezvous_port(self) -> int | str:
         """The rendezvous port: the config's or the one found free at launch (on Slurm: found free on the first

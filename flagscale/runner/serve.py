@@ -19,7 +19,7 @@ from flagscale.runner.base import PlanContext, TaskRunner
 from flagscale.serve.deployment import Deployment, Resources, parse_deployments
 from flagscale.serve.engine import Endpoint, endpoint, server_argv
 from flagscale.serve.ray_cluster import DRYRUN_PORT, RayCluster
-from flagscale.spec.plan import Plan, PortCheck, ProcessSpec, ReadyCheck
+from flagscale.spec.plan import Plan, PortCheck, ProcessSpec, ReadyCheck, readable
 
 
 class ServeRunner(TaskRunner):
@@ -30,8 +30,11 @@ class ServeRunner(TaskRunner):
         ctx.master_port = ctx.master_port or runner.ray_port
         deployments = self._deployments(ctx)
         ports: dict[int, str] = {}
+        if ctx.scheduled and len(ctx.hosts) > 1:
+            raise ConfigError("serving on Slurm runs on one node: set experiment.runner.nnodes=1 (a multi-node "
+                              "server needs its Ray cluster, which FlagScale starts over SSH from a hostfile)")
         for index, deployment in enumerate(deployments):
-            where = endpoint(deployment, ctx.hosts[0])
+            where = endpoint(deployment, ctx.hosts[0], ctx.address(ctx.hosts[0]))
             if where.port in ports:
                 raise ConfigError(f"deployments {ports[where.port]} and {deployment.serve_id} both use port "
                                   f"{where.port}; set serve.{index}.engine_args.port to another one")
@@ -50,9 +53,9 @@ class ServeRunner(TaskRunner):
         head = ctx.hosts[0]
         servers = [self._server(ctx, d, head, cluster) for d in deployments]
         nodes = [self._ray_node(ctx, cluster, h, rank) for rank, h in enumerate(cluster.hosts)] if cluster else []
-        endpoints = [endpoint(d, head) for d in deployments]
+        endpoints = [endpoint(d, head, ctx.address(head)) for d in deployments]
         urls = tuple(url for e in endpoints for url in e.ready_urls)
-        notes = ctx.notes + [f"deployment {d.serve_id} serves at {e.base_url}/v1"
+        notes = ctx.notes + [f"deployment {d.serve_id} serves at {readable(e.base_url)}/v1"
                              for d, e in zip(deployments, endpoints)]
         return Plan(
             task_type="serve", exp_dir=str(ctx.exp_dir), run_id=ctx.run_id, log_dir=str(ctx.log_dir),
@@ -66,7 +69,8 @@ class ServeRunner(TaskRunner):
     def info(self, ctx: PlanContext) -> dict[str, Any]:
         deployments = self._deployments(ctx)
         return {
-            "urls": {d.serve_id: endpoint(d, ctx.hosts[0]).base_url + "/v1" for d in deployments},
+            "urls": {d.serve_id: endpoint(d, ctx.hosts[0], ctx.address(ctx.hosts[0])).base_url + "/v1"
+                     for d in deployments},
             "models": {d.serve_id: _served_name(d) for d in deployments},
         }
 
@@ -88,7 +92,7 @@ class ServeRunner(TaskRunner):
 
     def _server(self, ctx: PlanContext, deployment: Deployment, head: Host, cluster: RayCluster | None) -> ProcessSpec:
         argv = server_argv(ctx.job.python, deployment, head, ray=cluster is not None,
-                           entrypoint=ctx.job.experiment.task.entrypoint)
+                           entrypoint=ctx.job.experiment.task.entrypoint, address=ctx.address(head))
         env = {"PYTHONUNBUFFERED": "1", "VLLM_CACHE_ROOT": str(ctx.exp_dir / "cache" / "vllm")}
         if cluster is not None:
             argv = cluster.wait_argv(argv)

@@ -46,18 +46,20 @@ class Endpoint:
         return f"{self.base_url}/health", f"{self.base_url}/v1/models"
 
 
-def endpoint(deployment: Deployment, host: Host) -> Endpoint:
-    """engine_args.host (default: 127.0.0.1 on this machine, else the host's own address) and port."""
+def endpoint(deployment: Deployment, host: Host, address: str | None = None) -> Endpoint:
+    """engine_args.host (default: 127.0.0.1 on this machine, else the host's own address: `address`, or its name)
+    and port."""
     args = deployment.engine_args
     port = args.get("port", DEFAULT_PORT)
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         raise ConfigError(f"deployment {deployment.serve_id}: engine_args.port must be a port number, got {port!r}")
+    own = LOOPBACK if host.is_local else address or host.name
     bind = args.get("host")
     if bind is None:
-        bind = LOOPBACK if host.is_local else host.name
+        bind = own
     connect = str(bind)
     if connect in WILDCARDS:
-        connect = LOOPBACK if host.is_local else host.name
+        connect = own
     return Endpoint(bind_host=str(bind), port=port, connect_host=connect)
 
 
@@ -69,10 +71,10 @@ def server_command(python: str, entrypoint: str | None) -> list[str]:
 
 
 def server_argv(python: str, deployment: Deployment, host: Host, *, ray: bool,
-                entrypoint: str | None = None) -> list[str]:
+                entrypoint: str | None = None, address: str | None = None) -> list[str]:
     """`python -m vllm.entrypoints.openai.api_server --model ... --host ... --port ...`."""
     args: dict[str, Any] = dict(deployment.engine_args)
-    where = endpoint(deployment, host)
+    where = endpoint(deployment, host, address)
     args["host"], args["port"] = where.bind_host, where.port
     if ray:
         backend = args.setdefault("distributed_executor_backend", "ray")

@@ -34,8 +34,18 @@ def shell_join(argv: Iterable[str]) -> str:
     return " ".join(shell_word(a) for a in argv)
 
 
-def has_runtime_values(value: str) -> bool:
-    return _RUNTIME_VALUE.search(value) is not None
+def readable(value: str) -> str:
+    """`value` for people: each placeholder named by what it stands for."""
+    names = {"FLAGSCALE_MASTER_ADDR": "<first node's address>", "FLAGSCALE_MASTER_PORT": "<port chosen in the job>"}
+    return _RUNTIME_VALUE.sub(lambda found: names[found.group(1)], value)
+
+
+def fill_runtime_values(value: str, known: Mapping[str, str]) -> str | None:
+    """`value` with its placeholders replaced by the values the running job chose (None if one is not known)."""
+    names = _RUNTIME_VALUE.findall(value)
+    if any(name not in known for name in names):
+        return None
+    return _RUNTIME_VALUE.sub(lambda found: known[found.group(1)], value)
 
 
 @dataclass(slots=True, kw_only=True)

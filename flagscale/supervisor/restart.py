@@ -185,7 +185,8 @@ class Supervision:
             reason = f"restart {self.restarts + 1} of {self.policy.max_restarts} in {self.policy.backoff_s:g}s"
             if diagnosis.kind is Kind.HOST_LOST and diagnosis.host:
                 self.lost_hosts.append(diagnosis.host)
-                reason += f", without host {diagnosis.host} (a spare host from the hostfile takes its place)"
+                reason += (f", without host {diagnosis.host} (a spare host of the hostfile takes its place; on Slurm, "
+                           "another node)")
         self.last = diagnosis
         self._keep(record)
         self._event("failed", record, kind=diagnosis.kind.value, detail=diagnosis.detail, restart=restart)

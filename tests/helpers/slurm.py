@@ -179,3 +179,36 @@ class SlurmCluster:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
         self.procs.clear()
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """`python -m tests.helpers.slurm [--dir D] [--nodes N]`: start a private cluster, print its SLURM_CONF, keep
+    it up until Ctrl-C or SIGTERM, then stop every daemon it started."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/flagscale-slurm"), help="scratch folder")
+    parser.add_argument("--nodes", type=int, default=2)
+    args = parser.parse_args()
+    if not slurm_available():
+        raise SystemExit("needs root, slurm-wlm and munge: bash install/install-requirements.sh --env all --system")
+    cluster = SlurmCluster(args.dir, nodes=args.nodes)
+    cluster.start()
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(f"Slurm is up: nodes {', '.join(cluster.node_names)}, partition debug.\n"
+          f"  export SLURM_CONF={cluster.conf}\nCtrl-C stops it.", flush=True)
+    try:
+        while all(p.poll() is None for p in cluster.procs):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()

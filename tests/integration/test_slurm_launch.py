@@ -6,6 +6,7 @@ sbatch option table in flagscale/config/data/ is the installed sbatch's."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from flagscale.config.sbatch import options, parse_help
 from tests.conftest import REPO, pids_alive, tiny_overrides
 from tests.helpers.requires import requirement
 from tests.helpers.slurm import SlurmCluster, slurm_available
+from tests.integration.test_convert import tiny_hf_model
 from tools.compat.extract_sbatch_options import sbatch_help
 
 pytestmark = pytest.mark.integration
@@ -164,7 +166,7 @@ def test_a_lost_node_is_reported_and_the_job_resubmitted_without_it(cluster: Slu
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out[-4000:]
-    assert "Slurm reports node n2" in out and "without host n2" in out, out[-4000:]
+    assert "Slurm reports node n2" in out and "without host n2" in out, out[-6000:]
     second = record(exp)
     assert second["run_id"] != first["run_id"]
     batch = Path(second["info"]["slurm"]["batch_script"]).read_text()
@@ -175,3 +177,37 @@ def test_a_lost_node_is_reported_and_the_job_resubmitted_without_it(cluster: Slu
     events = [json.loads(line) for line in Path(second["info"]["supervisor"]["events"]).read_text().splitlines()]
     failed = [e for e in events if e["event"] == "failed"]
     assert failed and failed[0]["kind"] == "host lost" and failed[0]["restart"], failed
+
+
+@pytest.mark.slow
+def test_the_tiny_model_is_served_as_a_slurm_job(cluster: SlurmCluster, tiny_data: Path, tmp_path_factory,
+                                                 tmp_path: Path) -> None:
+    from openai import OpenAI
+
+    from tests.helpers.requires import need
+
+    need(importlib.util.find_spec("vllm") is not None, "vLLM is not installed (install-requirements.sh --env all)")
+    model = tiny_hf_model(tmp_path_factory, tiny_data)
+    exp = tmp_path / "exp"
+    argv = [sys.executable, str(REPO / "run.py"), "--config-path", str(REPO / "examples/tiny_gpt/conf"),
+            "--config-name", "serve", f"experiment.exp_dir={exp}", "+experiment.runner.type=slurm",
+            f"serve.0.engine_args.model={model}", "~serve.0.engine_args.host", "serve.0.engine_args.port=18431"]
+    started = subprocess.run([*argv, "action=run"], cwd=REPO, capture_output=True, text=True, timeout=400,
+                             env=cluster.env)
+    try:
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+        url = record(exp)["info"]["urls"]["tiny_gpt"]
+        assert url == "http://127.0.0.41:18431/v1"  # node n1's address, the first node of the job
+        assert f"serving tiny_gpt: {url}" in started.stdout
+        answer = OpenAI(base_url=url, api_key="none").completions.create(
+            model="tiny_gpt", prompt="Once upon a time", max_tokens=8, temperature=0)
+        assert answer.choices[0].text.strip() and answer.usage.completion_tokens == 8
+        job_id = record(exp)["info"]["slurm"]["job_id"]
+        tasks = cluster.job_processes(job_id, "n1")
+        assert tasks
+    finally:
+        stopped = subprocess.run([*argv, "action=stop"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                                 env=cluster.env)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    wait_until(lambda: not pids_alive(tasks), 10, "the server's processes to be gone")
+    assert "JobState=CANCELLED" in jobcomp(cluster, job_id)

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from flagscale.config.sbatch import DATA, parse_help  # noqa: E402
+from flagscale.config.sbatch import DATA, parse_help
 
 
 def sbatch_help() -> tuple[str, str]:
