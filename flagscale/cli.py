@@ -152,14 +152,17 @@ def show_logs(exp_dir: Path, follow: bool, lines: int) -> int:
     record = load_record(exp_dir)
     launcher = Launcher.from_settings(record.settings)
     argv = ["tail", "-n", str(lines), *(["-F"] if follow else [])]
-    prefix = len(record.hosts) > 1
+    logs = [(h.host, h.host.name, h.log_path) for h in record.hosts]
+    if (record.info.get("slurm") or {}).get("output"):  # a Slurm job's batch output (srun's own messages)
+        logs.append((record.hosts[0].host, "batch", record.info["slurm"]["output"]))
+    prefix = len(logs) > 1
     events = (record.info.get("supervisor") or {}).get("events")
 
-    def pump(host_record) -> None:
-        for line in launcher.transport(host_record.host).stream([*argv, host_record.log_path]):
-            click.echo(f"[{host_record.host.name}] {line.rstrip()}" if prefix else line.rstrip())
+    def pump(host, label: str, path: str) -> None:
+        for line in launcher.transport(host).stream([*argv, path]):
+            click.echo(f"[{label}] {line.rstrip()}" if prefix else line.rstrip())
 
-    threads = [threading.Thread(target=pump, args=(h,), daemon=True) for h in record.hosts]
+    threads = [threading.Thread(target=pump, args=log, daemon=True) for log in logs]
     if events:
         threads.append(threading.Thread(target=show_events, args=(Path(events), follow), daemon=True))
     for thread in threads:

@@ -211,3 +211,24 @@ def test_the_tiny_model_is_served_as_a_slurm_job(cluster: SlurmCluster, tiny_dat
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     wait_until(lambda: not pids_alive(tasks), 10, "the server's processes to be gone")
     assert "JobState=CANCELLED" in jobcomp(cluster, job_id)
+
+
+@pytest.mark.slow
+def test_auto_tune_trials_are_slurm_jobs(cluster: SlurmCluster, tiny_data: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "tune"
+    argv = [sys.executable, str(REPO / "run.py"), "--config-path", str(REPO / "examples/tiny_gpt/conf"),
+            "--config-name", "auto_tune", *tiny_overrides(tiny_data, exp), "+experiment.runner.type=slurm",
+            "experiment.runner.nnodes=2", "experiment.runner.nproc_per_node=1",
+            "+experiment.envs.GLOO_SOCKET_IFNAME=lo", "experiment.auto_tuner.space.micro_batch_size=[2,4]",
+            "experiment.auto_tuner.space.recompute_granularity=[null]",
+            "experiment.auto_tuner.control.max_trials=2", "experiment.auto_tuner.control.iterations=8",
+            "experiment.auto_tuner.control.warmup_iterations=2"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, env=cluster.env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = (exp / "auto_tuner" / "history.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 and all(",ok," in row for row in rows), rows
+    for trial in (1, 2):
+        job_id = record(exp / "auto_tuner" / f"trial_{trial}")["info"]["slurm"]["job_id"]
+        line = jobcomp(cluster, job_id)
+        assert "JobState=COMPLETED" in line and f"Name=tiny_gpt_tune-trial{trial} " in line and "NodeCnt=2" in line
+    assert "type: slurm" in (exp / "auto_tuner" / "best.yaml").read_text()

@@ -14,7 +14,7 @@ import pytest
 from flagscale import jobs
 from flagscale.config.loader import load_job_config
 from flagscale.config.sbatch import check_extra_args, options
-from flagscale.exceptions import ConfigError
+from flagscale.exceptions import ConfigError, LaunchError
 from flagscale.launcher.launcher import Launcher
 from flagscale.main import compose_config
 from flagscale.spec.plan import shell_word
@@ -144,3 +144,15 @@ def test_settings_that_do_not_fit_a_slurm_job_are_one_line(overrides: list[str],
     with pytest.raises(ConfigError, match=message):
         job = _job(tmp_path, *overrides)
         jobs.launcher_settings(job)
+
+
+def test_without_slurm_s_commands_nothing_is_submitted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    job = _job(tmp_path)
+    launcher = Launcher.from_settings(jobs.launcher_settings(job))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, srun, ... here
+    with pytest.raises(LaunchError, match="Slurm's sbatch, srun, squeue, scancel, sinfo, scontrol not found on this "
+                                          "machine; run FlagScale on a login node"):
+        launcher.connect_all(jobs.prepare(job)[1].hosts, None, None, None)  # type: ignore[arg-type]
+    with pytest.raises(LaunchError, match="not found"):
+        jobs.launch(job)
+    assert not (tmp_path / "exp" / "job.json").exists()
