@@ -8,7 +8,9 @@
 #
 # Options: --venv DIR (default: .venv in the repo root), --python PY (default: python3.11),
 #          --system (as root: also apt-get install openssh-server, iproute2, slurm-wlm and munge, which the
-#          multi-host and Slurm tests use).
+#          multi-host and Slurm tests use),
+#          --llama-cpp-backend cpu|cuda (with inference/all: also build llama.cpp's llama-server for the
+#          llama_cpp serving engine; install/build-llama-cpp.sh, cached per machine).
 # Idempotent: re-running only installs what is missing. No conda required.
 set -euo pipefail
 
@@ -17,6 +19,7 @@ env_name=""
 venv="$repo/.venv"
 python_bin="${PYTHON:-python3.11}"
 with_system=0
+llama_cpp=""
 
 usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
@@ -25,6 +28,7 @@ while [ $# -gt 0 ]; do
     --venv) venv="${2:-}"; shift 2 ;;
     --python) python_bin="${2:-}"; shift 2 ;;
     --system) with_system=1; shift ;;
+    --llama-cpp-backend) llama_cpp="${2:-}"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "install-requirements.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -33,6 +37,13 @@ case "$env_name" in
   train|inference|dev|all) ;;
   *) echo "install-requirements.sh: --env must be one of train, inference, dev, all (got '${env_name}')" >&2; exit 2 ;;
 esac
+case "$llama_cpp" in
+  ""|cpu|cuda) ;;
+  *) echo "install-requirements.sh: --llama-cpp-backend must be cpu or cuda (got '${llama_cpp}')" >&2; exit 2 ;;
+esac
+if [ -n "$llama_cpp" ] && [ "$env_name" != inference ] && [ "$env_name" != all ]; then
+  echo "install-requirements.sh: --llama-cpp-backend goes with --env inference or --env all" >&2; exit 2
+fi
 command -v "$python_bin" >/dev/null || { echo "install-requirements.sh: '$python_bin' not found; install Python 3.11 or pass --python" >&2; exit 2; }
 
 if [ $with_system = 1 ]; then
@@ -42,6 +53,10 @@ if [ $with_system = 1 ]; then
   # a real Slurm (slurmctld, slurmd, clients) and munge, which the Slurm tests run as a private cluster
   [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && command -v sbatch >/dev/null 2>&1 || missing+=(slurm-wlm)
   [ -x /usr/sbin/munged ] || missing+=(munge)
+  if [ -n "$llama_cpp" ]; then  # what building llama.cpp's server needs
+    command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+    command -v c++ >/dev/null 2>&1 || missing+=(g++)
+  fi
   if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" = 0 ] || { echo "install-requirements.sh: --system needs root (missing: ${missing[*]})" >&2; exit 2; }
     echo "==> installing system packages: ${missing[*]}"
@@ -81,6 +96,10 @@ if [ $want_inference = 1 ] && [ $has_gpu = 0 ]; then
   # pip pulls CUDA builds of these from PyPI; they break transformers/vLLM imports on a CPU torch.
   # triton has no CPU backend and only slows vLLM start-up.
   "$venv/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
+fi
+
+if [ -n "$llama_cpp" ]; then
+  bash "$repo/install/build-llama-cpp.sh" --venv "$venv" --backend "$llama_cpp"
 fi
 
 echo "==> installing flagscale (editable)"

@@ -24,7 +24,9 @@ TASK_TYPES = ("train", "inference", "serve")
 UNSUPPORTED_TASKS = ("compress", "rl")
 """Upstream FlagScale task types this project does not run."""
 RUNNER_TYPES = ("ssh", "slurm")
-BACKENDS = {"train": ("megatron",), "inference": ("vllm",), "serve": ("vllm",)}
+BACKENDS: dict[str, tuple[str, ...] | None] = {"train": ("megatron",), "inference": ("vllm",), "serve": None}
+"""The engines of each task (serve: checked by the serve runner against its engine table,
+flagscale/serve/engines/)."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -41,6 +43,8 @@ class TaskSpec:
             kind = "is a task this project does not run" if self.type in UNSUPPORTED_TASKS else "is unknown"
             raise ConfigError(f"experiment.task.type '{self.type}' {kind} (supported: {', '.join(TASK_TYPES)})")
         backends = BACKENDS[self.type]
+        if backends is None:
+            return
         self.backend = self.backend or backends[0]
         if self.backend not in backends:
             raise ConfigError(f"experiment.task.backend '{self.backend}' is not supported for {self.type} "
@@ -71,9 +75,6 @@ class DeployConfig:
         if self.use_fs_serve:
             raise ConfigError("experiment.runner.deploy.use_fs_serve: true (Ray Serve deployments) is not supported; "
                               "serving runs the engine's own OpenAI-compatible server: set use_fs_serve: false")
-        if self.engine is not None and self.engine not in BACKENDS["serve"]:
-            raise ConfigError(f"experiment.runner.deploy.engine '{self.engine}' is not supported "
-                              f"(supported: {', '.join(BACKENDS['serve'])})")
 
     @classmethod
     def check_unsupported(cls, data: Mapping[str, Any], path: str) -> None:

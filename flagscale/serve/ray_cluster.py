@@ -18,7 +18,7 @@ from functools import lru_cache
 
 from flagscale.config.hostfile import Host
 from flagscale.serve.deployment import Resources
-from flagscale.serve.engine import is_ip
+from flagscale.serve.engines.base import is_ip
 
 RAY_CLI = ("-m", "ray.scripts.scripts")
 NODE_PROGRAM = ("-m", "flagscale.serve.ray_node")

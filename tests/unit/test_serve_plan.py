@@ -14,7 +14,7 @@ import pytest
 from flagscale.config.hostfile import LOCALHOST, Host
 from flagscale.exceptions import ConfigError
 from flagscale.serve.deployment import Resources, parse_deployments
-from flagscale.serve.engine import endpoint, server_argv
+from flagscale.serve.engines.vllm import VLLM
 from flagscale.serve.overrides import hydra_value, parse_engine_args, serve_overrides
 from flagscale.serve.ray_cluster import RayCluster
 from flagscale.spec.plan import Plan, ProcessSpec
@@ -23,6 +23,14 @@ from tests.helpers.jobs import dryrun_scripts
 
 NODE1 = Host(name="10.0.0.1", slots=8, type="H100")
 NODE2 = Host(name="10.0.0.2", slots=8, type="H100")
+
+
+def endpoint(deployment, host: Host):
+    return VLLM().endpoint(deployment, host)
+
+
+def server_argv(python: str, deployment, host: Host, ray: bool) -> list[str]:
+    return VLLM().argv(python, deployment, endpoint(deployment, host), ray=ray)
 
 
 def _one(**overrides) -> dict:
@@ -36,7 +44,6 @@ def test_deployments_parse_and_reject_with_the_fix() -> None:
         "did you mean 'engine_args'": [_one(engine_arg={})],
         "did you mean 'num_gpus'": [_one(resources={"num_gpu": 1})],
         "engine_args.model is required": [_one(engine_args={"port": 1})],
-        "engine 'sglang' is not supported": [_one(engine="sglang")],
         "has no serve_id": [{"engine_args": {"model": "x"}}],
         "used twice": [_one(), _one()],
         "must be a list of deployments": [],
