@@ -52,7 +52,7 @@ class ServeRunner(TaskRunner):
     def _check_engine(self, ctx: PlanContext, engine: ServingEngine, deployment: Deployment) -> None:
         """The engine can span the hosts, is installed (checked where the job's python is this one) and has its
         model; what it drops is noted. A dryrun notes what a run would refuse."""
-        if len(ctx.hosts) > 1 and engine.multi_host is None:
+        if len(ctx.hosts) > 1 and engine.multi_host_mode(deployment) is None:
             raise ConfigError(f"deployment {deployment.serve_id}: {engine.name} serves from one host; remove the "
                               "hostfile or set experiment.runner.nnodes=1")
         problems = [engine.model_problem(deployment) if ctx.hosts[0].is_local else None]
@@ -113,7 +113,7 @@ class ServeRunner(TaskRunner):
 
     def _cluster(self, ctx: PlanContext, deployments: list[Deployment],
                  engines: list[ServingEngine]) -> RayCluster | None:
-        if len(ctx.hosts) == 1 or not any(e.multi_host == "ray" for e in engines):
+        if len(ctx.hosts) == 1 or not any(e.multi_host_mode(d) == "ray" for d, e in zip(deployments, engines)):
             return None
         return RayCluster(hosts=tuple(ctx.hosts), port=ctx.master_port or DRYRUN_PORT,
                           resources=cluster_resources(deployments), python=ctx.job.python,
@@ -124,15 +124,17 @@ class ServeRunner(TaskRunner):
         """The deployment's server: on the head (one host, or Ray), or on every host with its rank."""
         head = ctx.hosts[0]
         where = self._endpoint(ctx, engine, deployment)
-        argv = engine.argv(ctx.job.python, deployment, where, ray=cluster is not None,
+        mode = engine.multi_host_mode(deployment) if len(ctx.hosts) > 1 else None
+        argv = engine.argv(ctx.job.python, deployment, where, nodes=len(ctx.hosts),
                            entrypoint=ctx.job.experiment.task.entrypoint)
         env = {"PYTHONUNBUFFERED": "1", **engine.env(deployment, ctx.exp_dir / "cache")}
-        if engine.multi_host == "ranks" and len(ctx.hosts) > 1:
+        if mode == "ranks":
             port = ctx.master_port or DRYRUN_PORT
             return [self._process(ctx, deployment, host, rank,
-                                  argv + engine.rank_args(len(ctx.hosts), rank, ctx.address(head), port), env)
+                                  argv + engine.rank_args(len(ctx.hosts), rank, ctx.address(head), port),
+                                  {**env, **engine.rank_env(host)})
                     for rank, host in enumerate(ctx.hosts)]
-        if cluster is not None:
+        if mode == "ray" and cluster is not None:
             argv = cluster.wait_argv(argv)
             env.update(cluster.node_env(head))
         return [self._process(ctx, deployment, head, 0, argv, env)]

@@ -12,7 +12,7 @@ class EchoServer(ServingEngine):
     default_port = 8765
     ready_paths = ("/ready",)
 
-    def argv(self, python: str, deployment: Deployment, where: Endpoint, *, ray: bool = False,
+    def argv(self, python: str, deployment: Deployment, where: Endpoint, *, nodes: int = 1,
              entrypoint: str | None = None) -> list[str]:
         args = {"bind": where.bind_host, **self.arguments(deployment)}
         for name in ("model", "host", "port"):

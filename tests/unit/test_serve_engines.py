@@ -135,3 +135,21 @@ def test_upstream_serve_schema_with_two_engines_dry_runs(tmp_path: Path) -> None
 def test_every_registered_engine_loads() -> None:
     for name in engines.ENGINES:
         assert engine_for(name).name == name
+
+
+def test_vllm_across_hosts_without_ray_runs_every_rank(tmp_path: Path) -> None:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("10.0.0.1 slots=1\n10.0.0.2 slots=1\n")
+    plan = _plan("serve", f"experiment.exp_dir={tmp_path}", f"+experiment.runner.hostfile={hostfile}",
+                 "experiment.runner.nnodes=2", "+experiment.runner.master_port=29511",
+                 "serve.0.engine_args.tensor_parallel_size=2", "+serve.0.engine_args.distributed_executor_backend=mp",
+                 "~serve.0.engine_args.host")
+    assert [(p.host.name, p.label) for p in plan.processes] == [("10.0.0.1", "tiny_gpt"), ("10.0.0.2", "tiny_gpt")]
+    for rank, process in enumerate(plan.processes):
+        assert process.argv[1:3] == ["-m", "flagscale.serve.vllm_serve"]
+        tail = ["--nnodes", "2", "--node-rank", str(rank), "--master-addr", "10.0.0.1", "--master-port", "29511"]
+        assert process.argv[-len(tail) - rank:len(process.argv) - rank] == tail
+        assert ("--headless" in process.argv) == (rank == 1)
+        assert process.env["VLLM_HOST_IP"] == f"10.0.0.{rank + 1}"
+    assert plan.ready is not None and plan.ready.urls[0] == "http://10.0.0.1:8000/health"
+    assert not any("ray" in " ".join(p.argv) for p in plan.processes)

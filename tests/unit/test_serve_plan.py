@@ -30,7 +30,7 @@ def endpoint(deployment, host: Host):
 
 
 def server_argv(python: str, deployment, host: Host, ray: bool) -> list[str]:
-    return VLLM().argv(python, deployment, endpoint(deployment, host), ray=ray)
+    return VLLM().argv(python, deployment, endpoint(deployment, host), nodes=2 if ray else 1)
 
 
 def _one(**overrides) -> dict:
@@ -86,9 +86,13 @@ def test_endpoints() -> None:
 def test_multi_host_server_runs_on_ray() -> None:
     (deployment,) = parse_deployments([_one()])
     assert server_argv("py", deployment, NODE1, ray=True)[-2:] == ["--distributed-executor-backend", "ray"]
-    (other,) = parse_deployments([_one(engine_args={"model": "x", "distributed_executor_backend": "mp"})])
-    with pytest.raises(ConfigError, match="runs vLLM on Ray"):
-        server_argv("py", other, NODE1, ray=True)
+    (mp,) = parse_deployments([_one(engine_args={"model": "x", "distributed_executor_backend": "mp"})])
+    assert server_argv("py", mp, NODE1, ray=True)[:3] == ["py", "-m", "flagscale.serve.vllm_serve"]
+    assert VLLM().rank_args(2, 1, "10.0.0.1", 29501) == ["--nnodes", "2", "--node-rank", "1", "--master-addr",
+                                                          "10.0.0.1", "--master-port", "29501", "--headless"]
+    (uni,) = parse_deployments([_one(engine_args={"model": "x", "distributed_executor_backend": "uni"})])
+    with pytest.raises(ConfigError, match="distributed_executor_backend=uni cannot span hosts"):
+        VLLM().multi_host_mode(uni)
 
 
 def test_ray_cluster_commands() -> None:

@@ -58,9 +58,17 @@ class ServingEngine(ABC):
     install_hint: ClassVar[str] = ""
 
     @abstractmethod
-    def argv(self, python: str, deployment: Deployment, where: Endpoint, *, ray: bool = False,
+    def argv(self, python: str, deployment: Deployment, where: Endpoint, *, nodes: int = 1,
              entrypoint: str | None = None) -> list[str]:
-        """The server's command line, listening where `where` says."""
+        """The server's command line, listening where `where` says, for a deployment across `nodes` hosts."""
+
+    def multi_host_mode(self, deployment: Deployment) -> str | None:
+        """How this deployment spans hosts (default: the engine's `multi_host`)."""
+        return self.multi_host
+
+    def rank_env(self, host: Host) -> dict[str, str]:
+        """A "ranks" engine: environment of the server on `host` (e.g. the address it advertises)."""
+        return {}
 
     def rank_args(self, nnodes: int, node_rank: int, master: str, port: int) -> list[str]:
         """A "ranks" engine: what the server on node `node_rank` of `nnodes` adds to its command line."""

