@@ -153,3 +153,8 @@ def test_vllm_across_hosts_without_ray_runs_every_rank(tmp_path: Path) -> None:
         assert process.env["VLLM_HOST_IP"] == f"10.0.0.{rank + 1}"
     assert plan.ready is not None and plan.ready.urls[0] == "http://10.0.0.1:8000/health"
     assert not any("ray" in " ".join(p.argv) for p in plan.processes)
+
+
+def test_replicas_are_one_line_with_what_to_do_instead() -> None:
+    with pytest.raises(ConfigError, match="resources.num_replicas=4: replicas behind one endpoint are Ray Serve's"):
+        parse_deployments([{"serve_id": "m", "engine_args": {"model": "/m"}, "resources": {"num_replicas": 4}}])
