@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from flagscale import jobs  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
 from tests.helpers.slurm import SlurmCluster, slurm_available  # noqa: E402
 from tests.helpers.sshd import SSHCluster, sshd_available  # noqa: E402
@@ -62,6 +63,8 @@ def launch(mode: str, exp: Path, data: Path, iters: int, env: dict[str, str], ho
         if time.time() > deadline:
             raise SystemExit(f"{mode}: the job did not end within 600 s (see {exp}/logs)")
         time.sleep(0.5)
+    while not jobs.status(exp).state.is_terminal():  # the job's processes have ended too, not just its loop
+        time.sleep(0.5)
     logged = events(exp)
     first = min(e["time"] for e in logged if e["event"] == "train")
     rates = [e["tokens_per_s"] for e in logged if e["event"] == "train" and e["iteration"] > WARMUP]
@@ -89,6 +92,7 @@ def main() -> None:
             ssh.start(addr)
         hostfile = ssh.hostfile(scratch / "hostfile.txt")
         env = {**os.environ, **slurm.env, **ssh.env}
+        os.environ["SLURM_CONF"] = slurm.env["SLURM_CONF"]  # for the job states this process asks Slurm for
         for repeat in range(args.repeats):
             for mode in ("slurm", "ssh") if repeat % 2 == 0 else ("ssh", "slurm"):
                 figures = launch(mode, scratch / f"{mode}-{repeat}", data, args.iters, env, hostfile)

@@ -11,8 +11,10 @@ server on every host with that host's rank; an engine that serves from one host 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from flagscale.config.hostfile import Host
@@ -27,113 +29,142 @@ from flagscale.spec.plan import Plan, PortCheck, ProcessSpec, ReadyCheck, readab
 DEFAULT_ENGINE = "vllm"
 
 
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One server of a deployment: the deployment itself, or one of its `resources.num_replicas` copies (its own
+    serve_id `NAME-i` and port), on the hosts it spans (all of the job's, or one for a replica)."""
+
+    deployment: Deployment
+    engine: ServingEngine
+    hosts: tuple[Host, ...]
+    index: int
+    """The deployment's position in the serve list (for the fix in error messages)."""
+
+    @property
+    def head(self) -> Host:
+        return self.hosts[0]
+
+
 class ServeRunner(TaskRunner):
     task_type = "serve"
 
     def validate(self, ctx: PlanContext) -> None:
         runner = ctx.job.experiment.runner
         ctx.master_port = ctx.master_port or runner.ray_port
-        deployments = self._deployments(ctx)
         if ctx.scheduled and len(ctx.hosts) > 1:
             raise ConfigError("serving on Slurm runs on one node: set experiment.runner.nnodes=1 (a multi-node "
                               "server needs its Ray cluster, which FlagScale starts over SSH from a hostfile)")
-        ports: dict[int, str] = {}
-        for index, deployment in enumerate(deployments):
-            engine = engine_for(deployment.engine, f"deployment {deployment.serve_id}: engine")
-            where = self._endpoint(ctx, engine, deployment)
-            if where.port in ports:
-                raise ConfigError(f"deployments {ports[where.port]} and {deployment.serve_id} both use port "
-                                  f"{where.port}; set serve.{index}.engine_args.port to another one")
-            ports[where.port] = deployment.serve_id
-            self._check_engine(ctx, engine, deployment)
+        ports: dict[tuple[str, int], str] = {}
+        for instance in self._instances(ctx):
+            deployment = instance.deployment
+            where = self._endpoint(ctx, instance)
+            for host in instance.hosts:
+                if (host.name, where.port) in ports:
+                    raise ConfigError(f"deployments {ports[(host.name, where.port)]} and {deployment.serve_id} both "
+                                      f"use port {where.port} on {host.name}; set serve.{instance.index}.engine_args."
+                                      "port to another one")
+                ports[(host.name, where.port)] = deployment.serve_id
+            self._check_engine(ctx, instance)
         if len(ctx.hosts) > 1:
-            cluster_resources(deployments)
+            cluster_resources([i.deployment for i in self._instances(ctx) if len(i.hosts) > 1])
 
-    def _check_engine(self, ctx: PlanContext, engine: ServingEngine, deployment: Deployment) -> None:
-        """The engine can span the hosts, is installed (checked where the job's python is this one) and has its
-        model; what it drops is noted. A dryrun notes what a run would refuse."""
-        if len(ctx.hosts) > 1 and engine.multi_host_mode(deployment) is None:
+    def _check_engine(self, ctx: PlanContext, instance: Instance) -> None:
+        """The engine can span the instance's hosts, is installed (checked where the job's python is this one) and
+        has its model; what it drops is noted. A dryrun notes what a run would refuse."""
+        engine, deployment = instance.engine, instance.deployment
+        if len(instance.hosts) > 1 and engine.multi_host_mode(deployment) is None:
             raise ConfigError(f"deployment {deployment.serve_id}: {engine.name} serves from one host; remove the "
-                              "hostfile or set experiment.runner.nnodes=1")
-        problems = [engine.model_problem(deployment) if ctx.hosts[0].is_local else None]
+                              "hostfile, set experiment.runner.nnodes=1, or run one replica per host "
+                              "(resources.num_replicas)")
+        problems = [engine.model_problem(deployment) if instance.head.is_local else None]
         if ctx.job.python == sys.executable:
             problems.append(engine.missing(ctx.job.python))
         for problem in filter(None, problems):
             if ctx.job.action != "dryrun":
                 raise ConfigError(problem)
-            ctx.notes.append(problem)
+            if problem not in ctx.notes:
+                ctx.notes.append(problem)
         dropped = engine.dropped(deployment)
-        if dropped:
-            ctx.notes.append(f"deployment {deployment.serve_id}: {engine.name} has no use for {', '.join(dropped)} "
-                             "(settings of another engine); not passed")
+        note = (f"deployment {deployment.serve_id}: {engine.name} has no use for {', '.join(dropped)} (settings of "
+                "another engine); not passed")
+        if dropped and note not in ctx.notes:
+            ctx.notes.append(note)
 
     def plan(self, ctx: PlanContext) -> Plan:
-        deployments = self._deployments(ctx)
-        engines = [engine_for(d.engine) for d in deployments]
-        cluster = self._cluster(ctx, deployments, engines)
-        head = ctx.hosts[0]
-        servers = [spec for d, e in zip(deployments, engines) for spec in self._servers(ctx, d, e, cluster)]
+        instances = self._instances(ctx)
+        cluster = self._cluster(ctx, instances)
+        servers = [spec for instance in instances for spec in self._servers(ctx, instance, cluster)]
         nodes = [self._ray_node(ctx, cluster, h, rank) for rank, h in enumerate(cluster.hosts)] if cluster else []
-        endpoints = [self._endpoint(ctx, e, d) for d, e in zip(deployments, engines)]
+        endpoints = [self._endpoint(ctx, i) for i in instances]
         urls = tuple(url for e in endpoints for url in e.ready_urls)
-        notes = ctx.notes + [f"deployment {d.serve_id} ({e.name}) serves at {readable(w.base_url)}/v1"
-                             for d, e, w in zip(deployments, engines, endpoints)]
+        notes = ctx.notes + [f"deployment {i.deployment.serve_id} ({i.engine.name}) serves at {readable(w.base_url)}/v1"
+                             for i, w in zip(instances, endpoints)]
         return Plan(
             task_type="serve", exp_dir=str(ctx.exp_dir), run_id=ctx.run_id, log_dir=str(ctx.log_dir),
             processes=servers + nodes, after_stop=ctx.job.experiment.cmds.lines("after_stop"),
-            master_addr=head.name, master_port=ctx.master_port if cluster else endpoints[0].port,
+            master_addr=ctx.hosts[0].name, master_port=ctx.master_port if cluster else endpoints[0].port,
             info=self.info(ctx), notes=notes,
-            ready=ReadyCheck(urls=urls, timeout_s=max(d.ready_timeout_s for d in deployments)),
-            ports_to_check=[_port_check(head, e, i) for i, e in enumerate(endpoints)],
+            ready=ReadyCheck(urls=urls, timeout_s=max(i.deployment.ready_timeout_s for i in instances)),
+            ports_to_check=[_port_check(i.head, e, i.index) for i, e in zip(instances, endpoints)],
         )
 
     def info(self, ctx: PlanContext) -> dict[str, Any]:
-        deployments = self._deployments(ctx)
-        engines = [engine_for(d.engine) for d in deployments]
+        instances = self._instances(ctx)
         return {
-            "urls": {d.serve_id: self._endpoint(ctx, e, d).base_url + "/v1" for d, e in zip(deployments, engines)},
-            "models": {d.serve_id: e.served_name(d) for d, e in zip(deployments, engines)},
-            "engines": {d.serve_id: e.name for d, e in zip(deployments, engines)},
+            "urls": {i.deployment.serve_id: self._endpoint(ctx, i).base_url + "/v1" for i in instances},
+            "models": {i.deployment.serve_id: i.engine.served_name(i.deployment) for i in instances},
+            "engines": {i.deployment.serve_id: i.engine.name for i in instances},
         }
 
-    def _deployments(self, ctx: PlanContext) -> list[Deployment]:
-        """The serve section; experiment.runner.deploy gives the port and engine of deployments that set none,
-        experiment.task.backend the engine after that (default: vllm)."""
+    def _instances(self, ctx: PlanContext) -> list[Instance]:
+        """Every server the serve section asks for. experiment.runner.deploy gives the port and engine of
+        deployments that set none, experiment.task.backend the engine after that (default: vllm). A deployment
+        with resources.num_replicas N becomes N servers, one host each, round the hosts, on its port and the ones
+        after it where a host runs several."""
         runner = ctx.job.experiment.runner
         default = runner.deploy.engine or ctx.job.experiment.task.backend or DEFAULT_ENGINE
         engine_for(default, "experiment.task.backend / experiment.runner.deploy.engine")
-        deployments = parse_deployments(ctx.job.task, "serve", default_engine=default)
-        for deployment in deployments:
+        instances = []
+        for index, deployment in enumerate(parse_deployments(ctx.job.task, "serve", default_engine=default)):
             if runner.deploy.port is not None and deployment.engine_args.get("port") is None:
                 deployment.engine_args["port"] = runner.deploy.port
-        return deployments
+            engine = engine_for(deployment.engine, f"deployment {deployment.serve_id}: engine")
+            replicas = deployment.resources.num_replicas
+            if replicas == 1:
+                instances.append(Instance(deployment, engine, tuple(ctx.hosts), index))
+                continue
+            port = engine.endpoint(deployment, ctx.hosts[0]).port
+            for i in range(replicas):
+                copy = dataclasses.replace(deployment, serve_id=f"{deployment.serve_id}-{i}",
+                                           engine_args={**deployment.engine_args, "port": port + i // len(ctx.hosts)})
+                instances.append(Instance(copy, engine, (ctx.hosts[i % len(ctx.hosts)],), index))
+        return instances
 
-    def _endpoint(self, ctx: PlanContext, engine: ServingEngine, deployment: Deployment) -> Endpoint:
-        return engine.endpoint(deployment, ctx.hosts[0], ctx.address(ctx.hosts[0]))
+    def _endpoint(self, ctx: PlanContext, instance: Instance) -> Endpoint:
+        return instance.engine.endpoint(instance.deployment, instance.head, ctx.address(instance.head))
 
-    def _cluster(self, ctx: PlanContext, deployments: list[Deployment],
-                 engines: list[ServingEngine]) -> RayCluster | None:
-        if len(ctx.hosts) == 1 or not any(e.multi_host_mode(d) == "ray" for d, e in zip(deployments, engines)):
+    def _cluster(self, ctx: PlanContext, instances: list[Instance]) -> RayCluster | None:
+        spanning = [i for i in instances if len(i.hosts) > 1 and i.engine.multi_host_mode(i.deployment) == "ray"]
+        if not spanning:
             return None
         return RayCluster(hosts=tuple(ctx.hosts), port=ctx.master_port or DRYRUN_PORT,
-                          resources=cluster_resources(deployments), python=ctx.job.python,
+                          resources=cluster_resources([i.deployment for i in spanning]), python=ctx.job.python,
                           dashboard_port=ctx.job.experiment.runner.ray_dashboard_port)
 
-    def _servers(self, ctx: PlanContext, deployment: Deployment, engine: ServingEngine,
-                 cluster: RayCluster | None) -> list[ProcessSpec]:
-        """The deployment's server: on the head (one host, or Ray), or on every host with its rank."""
-        head = ctx.hosts[0]
-        where = self._endpoint(ctx, engine, deployment)
-        mode = engine.multi_host_mode(deployment) if len(ctx.hosts) > 1 else None
-        argv = engine.argv(ctx.job.python, deployment, where, nodes=len(ctx.hosts),
+    def _servers(self, ctx: PlanContext, instance: Instance, cluster: RayCluster | None) -> list[ProcessSpec]:
+        """The instance's server: on its host (one host, or the Ray head), or on every host with its rank."""
+        engine, deployment, head = instance.engine, instance.deployment, instance.head
+        nodes = len(instance.hosts)
+        mode = engine.multi_host_mode(deployment) if nodes > 1 else None
+        argv = engine.argv(ctx.job.python, deployment, self._endpoint(ctx, instance), nodes=nodes,
                            entrypoint=ctx.job.experiment.task.entrypoint)
         env = {"PYTHONUNBUFFERED": "1", **engine.env(deployment, ctx.exp_dir / "cache")}
         if mode == "ranks":
             port = ctx.master_port or DRYRUN_PORT
             return [self._process(ctx, deployment, host, rank,
-                                  argv + engine.rank_args(len(ctx.hosts), rank, ctx.address(head), port),
+                                  argv + engine.rank_args(nodes, rank, ctx.address(head), port),
                                   {**env, **engine.rank_env(host)})
-                    for rank, host in enumerate(ctx.hosts)]
+                    for rank, host in enumerate(instance.hosts)]
         if mode == "ray" and cluster is not None:
             argv = cluster.wait_argv(argv)
             env.update(cluster.node_env(head))

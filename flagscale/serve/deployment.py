@@ -39,13 +39,12 @@ class Resources:
     custom: dict[str, Any] = field(default_factory=dict)
     """Extra Ray resources per node, e.g. {accelerator_A100: 8}."""
     num_replicas: int = 1
-    """Upstream's Ray Serve replicas: only 1 here (see __post_init__ for what to do instead)."""
+    """Servers of this deployment, each its own process on one host (round the hosts; on a host that runs several,
+    on the deployment's port and the next ones), named SERVE_ID-0, SERVE_ID-1, ...; no load balancer in front."""
 
     def __post_init__(self) -> None:
-        if self.num_replicas != 1:
-            raise ConfigError(f"resources.num_replicas={self.num_replicas}: replicas behind one endpoint are Ray "
-                              "Serve's (use_fs_serve), which is not supported; list the deployment once per instance, "
-                              "each with its own serve_id and engine_args.port (all start and stop together)")
+        if not isinstance(self.num_replicas, int) or self.num_replicas < 1:
+            raise ConfigError(f"resources.num_replicas must be a whole number >= 1, got {self.num_replicas!r}")
         for name in ("num_cpus", "num_gpus", "object_store_memory"):
             value = getattr(self, name)
             if value is not None and value < 0:

@@ -135,18 +135,26 @@ class SlurmCluster:
                 raise RuntimeError(f"no {what} within {timeout:.0f}s; logs in {self.root}")
             time.sleep(0.25)
 
-    def job_processes(self, job_id: str, node: str) -> list[int]:
-        """The processes of a job's tasks on one node (their environment names both), and the slurmstepd that
-        started them."""
-        tasks = []
+    def _environs(self) -> list[tuple[int, int, list[bytes]]]:
+        """(pid, parent pid, environment) of every process of this cluster: its daemons, and what they and its
+        jobs started (all carry this cluster's SLURM_CONF; another cluster on the machine has its own)."""
+        mine = f"SLURM_CONF={self.conf}".encode()
+        found = []
         for name in filter(str.isdigit, os.listdir("/proc")):
             try:
                 env = Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
                 parent = int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
+            except (OSError, ValueError):
                 continue
-            if f"SLURM_JOB_ID={job_id}".encode() in env and f"SLURMD_NODENAME={node}".encode() in env:
-                tasks.append((int(name), parent))
+            if mine in env:
+                found.append((int(name), parent, env))
+        return found
+
+    def job_processes(self, job_id: str, node: str) -> list[int]:
+        """The processes of a job's tasks on one node (their environment names both), and the slurmstepd that
+        started them."""
+        tasks = [(pid, parent) for pid, parent, env in self._environs()
+                 if f"SLURM_JOB_ID={job_id}".encode() in env and f"SLURMD_NODENAME={node}".encode() in env]
         pids = {pid for pid, _ in tasks}
         steps = {parent for _, parent in tasks if parent not in pids and
                  Path(f"/proc/{parent}/cmdline").read_bytes().startswith(b"slurmstepd")}
@@ -168,7 +176,8 @@ class SlurmCluster:
         return victims
 
     def stop(self) -> None:
-        """Stop the daemons it started, by PID, slurmd first (a job's tasks go with their slurmd's step)."""
+        """Stop the daemons it started, by PID, slurmd first; then whatever its jobs left (a job step whose slurmd
+        is gone carries on by itself): the processes with this cluster's SLURM_CONF, by PID."""
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -179,6 +188,31 @@ class SlurmCluster:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
         self.procs.clear()
+        for pid in self._leftover_steps():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _leftover_steps(self) -> list[int]:
+        """This cluster's slurmstepd processes (started by its slurmd, so carrying its SLURM_CONF) and every
+        process beneath them: what a job leaves running once its slurmd is gone."""
+        children: dict[int, list[int]] = {}
+        steps = []
+        for pid, parent, _ in self._environs():
+            children.setdefault(parent, []).append(pid)
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"slurmstepd"):
+                    steps.append(pid)
+            except OSError:
+                continue
+        found, todo = set(steps), list(steps)
+        while todo:
+            for child in children.get(todo.pop(), []):
+                if child not in found:
+                    found.add(child)
+                    todo.append(child)
+        return sorted(found)
 
 
 def _interrupt(*_: object) -> None:

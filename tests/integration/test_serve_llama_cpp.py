@@ -98,3 +98,25 @@ def test_two_deployments_of_two_engines_start_and_stop_together(models: tuple[Pa
         assert len(record["hosts"]) == 2
     finally:
         stopped_cleanly(exp, env)
+
+
+def test_replicas_are_servers_of_their_own_that_stop_together(models: tuple[Path, Path], tmp_path: Path) -> None:
+    from openai import OpenAI
+
+    _, gguf = models
+    port, exp = free_port(), tmp_path / "exp"
+    env = quiet_env(exp)
+    started = flagscale("serve", "tiny_gpt", "serve_llama_cpp", "--model-path", str(gguf), "--port", str(port),
+                        "+serve.0.resources.num_replicas=2", f"experiment.exp_dir={exp}", env=env)
+    try:
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-3000:]
+        record = json.loads((exp / "job.json").read_text())
+        assert record["info"]["urls"] == {"tiny_gpt-0": f"http://127.0.0.1:{port}/v1",
+                                          "tiny_gpt-1": f"http://127.0.0.1:{port + 1}/v1"}
+        texts = {OpenAI(base_url=url, api_key="none").completions.create(
+            model="tiny_gpt", prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
+            for url in record["info"]["urls"].values()}
+        assert len(texts) == 1 and texts.pop()
+        assert len(record["hosts"]) == 2
+    finally:
+        stopped_cleanly(exp, env)

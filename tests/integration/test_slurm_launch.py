@@ -62,6 +62,25 @@ def record(exp: Path) -> dict:
     return json.loads((exp / "job.json").read_text())
 
 
+def nodes_of(exp: Path) -> list[str]:
+    """The nodes the job's batch script wrote down (SLURM_NODEID order): Slurm picks them, e.g. n2,n3 while n1 is
+    still completing the previous test's job."""
+    env_file = Path(record(exp)["log_dir"]) / "slurm-job.env"
+    wait_until(env_file.is_file, 60, "the job's slurm-job.env")
+    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+    return env["FLAGSCALE_NODES"].split()
+
+
+def describe(pids: list[int]) -> str:
+    """What the processes still alive among `pids` are (for a failure message)."""
+    def name(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80]
+        except OSError:
+            return "?"
+    return "; ".join(f"{pid}: {name(pid)}" for pid in pids_alive(pids)) or "none"
+
+
 def wait_until(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -82,7 +101,9 @@ def test_tiny_gpt_trains_on_two_slurm_nodes(cluster: SlurmCluster, tiny_data: Pa
     done = run(cluster, exp, tiny_data, "test")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     job_id = record(exp)["info"]["slurm"]["job_id"]
-    assert f"slurm job {job_id}: RUNNING on n1,n2" in done.stdout and "COMPLETED" in done.stdout
+    nodes = nodes_of(exp)
+    assert len(nodes) == 2 and f"slurm job {job_id}: RUNNING on {','.join(nodes)}" in done.stdout
+    assert "COMPLETED" in done.stdout
     trained = losses(exp)
     assert len(trained) == 6 and trained[-1] < trained[0] - 1.0, trained
     assert (exp / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
@@ -91,7 +112,8 @@ def test_tiny_gpt_trains_on_two_slurm_nodes(cluster: SlurmCluster, tiny_data: Pa
     # one rank per node, the two ranks on two nodes: torchrun wrote each node's ranks under its own folder
     assert sorted(p.name for p in (log_dir / "torchrun").iterdir()) == ["node0", "node1"]
     env = dict(line.split("=", 1) for line in (log_dir / "slurm-job.env").read_text().splitlines())
-    assert env["FLAGSCALE_NODES"] == "n1 n2" and env["FLAGSCALE_MASTER_ADDR"] == "127.0.0.41"
+    first = 41 + cluster.node_names.index(nodes[0])
+    assert env["FLAGSCALE_MASTER_ADDR"] == f"127.0.0.{first}"  # the first node's NodeAddr
 
 
 def test_run_query_stop_leaves_nothing_and_slurm_says_cancelled(cluster: SlurmCluster, tiny_data: Path,
@@ -102,18 +124,19 @@ def test_run_query_stop_leaves_nothing_and_slurm_says_cancelled(cluster: SlurmCl
     job_id = record(exp)["info"]["slurm"]["job_id"]
     assert f"submitted train job {record(exp)['run_id']} as Slurm job {job_id} (2 node(s))" in started.stdout
     wait_until(lambda: len(losses(exp)) >= 2, 120, "two logged iterations")
-    tasks = cluster.job_processes(job_id, "n1") + cluster.job_processes(job_id, "n2")
+    nodes = nodes_of(exp)
+    tasks = [pid for node in nodes for pid in cluster.job_processes(job_id, node)]
     assert tasks
     now = run(cluster, exp, tiny_data, "query", iters=3000)
     assert now.returncode == 0, now.stdout + now.stderr
-    assert f"slurm job {job_id}: RUNNING on n1,n2" in now.stdout and "progress: iteration" in now.stdout
+    assert f"slurm job {job_id}: RUNNING on {','.join(nodes)}" in now.stdout and "progress: iteration" in now.stdout
     assert now.stdout.count("RUNNING") >= 3  # the job and both nodes
     stopped = run(cluster, exp, tiny_data, "stop", iters=3000)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stdout + stopped.stderr
     # Slurm reported the job ended. This cluster tracks tasks by parent pid (proctrack/linuxproc, no cgroups here):
     # a rank's data-loader workers, orphaned when their rank ends, leave by themselves within torch's 5 s check of
     # their parent; with proctrack/cgroup (real clusters) Slurm ends them itself.
-    wait_until(lambda: not pids_alive(tasks), 10, "the job's tasks to be gone")
+    wait_until(lambda: not pids_alive(tasks), 30, f"the job's tasks to be gone ({describe(tasks)})")
     assert "JobState=CANCELLED" in jobcomp(cluster, job_id)
     after = run(cluster, exp, tiny_data, "query", iters=3000)
     assert "STOPPED" in after.stdout and f"slurm job {job_id}: CANCELLED" in after.stdout, after.stdout
@@ -127,13 +150,15 @@ def test_a_job_failing_on_one_node_names_it_and_its_log(cluster: SlurmCluster, t
     fail = "+experiment.cmds.before_start='test $SLURM_NODEID != 1 || { echo no data on $SLURMD_NODENAME; false; }'"
     done = run(cluster, exp, tiny_data, "test", fail)
     assert done.returncode != 0, done.stdout
-    assert "host n2 failed (exit 1)" in done.stdout and "no data on n2" in done.stdout, done.stdout
+    second = nodes_of(exp)[1]  # the node with SLURM_NODEID 1
+    assert f"host {second} failed (exit 1)" in done.stdout and f"no data on {second}" in done.stdout, done.stdout
     job_id = record(exp)["info"]["slurm"]["job_id"]
     assert "JobState=FAILED" in jobcomp(cluster, job_id)
     now = run(cluster, exp, tiny_data, "query")
     assert now.returncode == 1
-    assert f"slurm job {job_id}: FAILED" in now.stdout and "diagnosis: host n2 exited with code 1" in now.stdout
-    assert "no data on n2" in now.stdout, now.stdout
+    assert f"slurm job {job_id}: FAILED" in now.stdout
+    assert f"diagnosis: host {second} exited with code 1" in now.stdout
+    assert f"no data on {second}" in now.stdout, now.stdout
 
 
 def test_unknown_partition_and_too_many_nodes_are_one_line(cluster: SlurmCluster, tiny_data: Path,
@@ -160,19 +185,20 @@ def test_a_lost_node_is_reported_and_the_job_resubmitted_without_it(cluster: Slu
         wait_until(lambda: len(losses(exp)) >= 15, 180, "15 iterations")
         first = record(exp)
         job_id = first["info"]["slurm"]["job_id"]
-        assert cluster.lose_node("n2", job_id), "no process of the job on n2"
+        lost = nodes_of(exp)[1]
+        assert cluster.lose_node(lost, job_id), f"no process of the job on {lost}"
         out, _ = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out[-4000:]
-    assert "Slurm reports node n2" in out and "without host n2" in out, out[-6000:]
+    assert f"Slurm reports node {lost}" in out and f"without host {lost}" in out, out[-6000:]
     second = record(exp)
     assert second["run_id"] != first["run_id"]
     batch = Path(second["info"]["slurm"]["batch_script"]).read_text()
-    assert "#SBATCH --exclude=n2" in batch
+    assert f"#SBATCH --exclude={lost}" in batch
     env = dict(line.split("=", 1) for line in (Path(second["log_dir"]) / "slurm-job.env").read_text().splitlines())
-    assert env["FLAGSCALE_NODES"] == "n1 n3"
+    assert env["FLAGSCALE_NODES"].split() == [n for n in cluster.node_names if n != lost]
     assert max(int(i) for i in (exp / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().split()) == 60
     events = [json.loads(line) for line in Path(second["info"]["supervisor"]["events"]).read_text().splitlines()]
     failed = [e for e in events if e["event"] == "failed"]
@@ -197,19 +223,20 @@ def test_the_tiny_model_is_served_as_a_slurm_job(cluster: SlurmCluster, tiny_dat
     try:
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
         url = record(exp)["info"]["urls"]["tiny_gpt"]
-        assert url == "http://127.0.0.41:18431/v1"  # node n1's address, the first node of the job
+        (node,) = nodes_of(exp)
+        assert url == f"http://127.0.0.{41 + cluster.node_names.index(node)}:18431/v1"  # the node's own address
         assert f"serving tiny_gpt: {url}" in started.stdout
         answer = OpenAI(base_url=url, api_key="none").completions.create(
             model="tiny_gpt", prompt="Once upon a time", max_tokens=8, temperature=0)
         assert answer.choices[0].text.strip() and answer.usage.completion_tokens == 8
         job_id = record(exp)["info"]["slurm"]["job_id"]
-        tasks = cluster.job_processes(job_id, "n1")
+        tasks = cluster.job_processes(job_id, node)
         assert tasks
     finally:
         stopped = subprocess.run([*argv, "action=stop"], cwd=REPO, capture_output=True, text=True, timeout=120,
                                  env=cluster.env)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    wait_until(lambda: not pids_alive(tasks), 10, "the server's processes to be gone")
+    wait_until(lambda: not pids_alive(tasks), 30, "the server's processes to be gone")
     assert "JobState=CANCELLED" in jobcomp(cluster, job_id)
 
 

@@ -155,6 +155,18 @@ def test_vllm_across_hosts_without_ray_runs_every_rank(tmp_path: Path) -> None:
     assert not any("ray" in " ".join(p.argv) for p in plan.processes)
 
 
-def test_replicas_are_one_line_with_what_to_do_instead() -> None:
-    with pytest.raises(ConfigError, match="resources.num_replicas=4: replicas behind one endpoint are Ray Serve's"):
-        parse_deployments([{"serve_id": "m", "engine_args": {"model": "/m"}, "resources": {"num_replicas": 4}}])
+def test_replicas_are_servers_round_the_hosts_each_on_its_own_port(tmp_path: Path) -> None:
+    one = _plan("serve_llama_cpp", f"experiment.exp_dir={tmp_path}", "+serve.0.resources.num_replicas=3")
+    assert [(p.label, p.argv[p.argv.index("--port") + 1]) for p in one.processes] == [
+        ("tiny_gpt-0", "8080"), ("tiny_gpt-1", "8081"), ("tiny_gpt-2", "8082")]
+    assert one.ready is not None and len(one.ready.urls) == 6 and sorted(one.info["urls"]) == [
+        "tiny_gpt-0", "tiny_gpt-1", "tiny_gpt-2"]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("10.0.0.1 slots=1\n10.0.0.2 slots=1\n")
+    two = _plan("serve_llama_cpp", f"experiment.exp_dir={tmp_path}", f"+experiment.runner.hostfile={hostfile}",
+                "experiment.runner.nnodes=2", "~serve.0.engine_args.host", "+serve.0.resources.num_replicas=4")
+    assert [(p.host.name, p.argv[p.argv.index("--port") + 1]) for p in two.processes] == [
+        ("10.0.0.1", "8080"), ("10.0.0.2", "8080"), ("10.0.0.1", "8081"), ("10.0.0.2", "8081")]
+    assert two.info["urls"]["tiny_gpt-1"] == "http://10.0.0.2:8080/v1"
+    with pytest.raises(ConfigError, match="num_replicas must be a whole number >= 1"):
+        parse_deployments([{"serve_id": "m", "engine_args": {"model": "/m"}, "resources": {"num_replicas": 0}}])
