@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 from flagscale.config.sbatch import options, parse_help
+from flagscale.launcher.launcher import Launcher
+from flagscale.launcher.slurm import ENDED
+from flagscale.spec.record import load_record
 from tests.conftest import REPO, pids_alive, tiny_overrides
 from tests.helpers.requires import requirement
 from tests.helpers.slurm import SlurmCluster, slurm_available
@@ -142,6 +145,27 @@ def test_run_query_stop_leaves_nothing_and_slurm_says_cancelled(cluster: SlurmCl
     assert "STOPPED" in after.stdout and f"slurm job {job_id}: CANCELLED" in after.stdout, after.stdout
     again = run(cluster, exp, tiny_data, "stop", iters=3000)
     assert "already stopped; nothing to do" in again.stdout
+
+
+def test_after_stop_runs_on_every_node_when_the_job_is_stopped(cluster: SlurmCluster, tiny_data: Path,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    exp, marks = tmp_path / "exp", tmp_path / "marks"
+    marks.mkdir()
+    after = f"+experiment.cmds.after_stop='touch {marks}/$SLURMD_NODENAME'"
+    started = run(cluster, exp, tiny_data, "run", after, iters=3000)
+    assert started.returncode == 0, started.stdout + started.stderr
+    wait_until(lambda: len(losses(exp)) >= 1, 120, "a logged iteration")
+    nodes = nodes_of(exp)
+    stopped = run(cluster, exp, tiny_data, "stop", after, iters=3000)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert sorted(p.name for p in marks.iterdir()) == sorted(nodes)  # after_stop ran once on each node
+    after_query = run(cluster, exp, tiny_data, "query", iters=3000)
+    assert "STOPPED" in after_query.stdout, after_query.stdout
+    monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
+    launcher = Launcher.from_settings(load_record(exp).settings)
+    job_id = record(exp)["info"]["slurm"]["job_id"]
+    from_jobcomp = launcher._from_jobcomp(job_id)  # what query falls back on once squeue forgot the job
+    assert from_jobcomp is not None and from_jobcomp.state in ENDED and from_jobcomp.nodes == nodes
 
 
 def test_a_job_failing_on_one_node_names_it_and_its_log(cluster: SlurmCluster, tiny_data: Path,
