@@ -64,6 +64,8 @@ def launch(mode: str, exp: Path, data: Path, iters: int, env: dict[str, str], ho
             raise SystemExit(f"{mode}: the job did not end within 600 s (see {exp}/logs)")
         time.sleep(0.5)
     while not jobs.status(exp).state.is_terminal():  # the job's processes have ended too, not just its loop
+        if time.time() > deadline:
+            raise SystemExit(f"{mode}: the job's processes did not end within 600 s (see {exp}/logs)")
         time.sleep(0.5)
     logged = events(exp)
     first = min(e["time"] for e in logged if e["event"] == "train")
@@ -92,7 +94,7 @@ def main() -> None:
             ssh.start(addr)
         hostfile = ssh.hostfile(scratch / "hostfile.txt")
         env = {**os.environ, **slurm.env, **ssh.env}
-        os.environ["SLURM_CONF"] = slurm.env["SLURM_CONF"]  # for the job states this process asks Slurm for
+        os.environ.update(env)  # this process asks for the jobs' states too: Slurm's config, the test hosts' keys
         for repeat in range(args.repeats):
             for mode in ("slurm", "ssh") if repeat % 2 == 0 else ("ssh", "slurm"):
                 figures = launch(mode, scratch / f"{mode}-{repeat}", data, args.iters, env, hostfile)
