@@ -105,7 +105,8 @@ def train(model: str, args: tuple[str, ...], foreground: bool, dryrun: bool) -> 
 @click.argument("args", nargs=-1)
 @click.option("--model-path", help="The model to serve (engine_args.model of the first deployment).")
 @click.option("--port", type=int, help="The port to listen on (engine_args.port of the first deployment).")
-@click.option("--engine-args", help='More vLLM arguments as a JSON object, e.g. \'{"max_num_seqs": 8}\'.')
+@click.option("--engine-args", help="More engine arguments (vLLM's names, or the engine's own) as a JSON "
+              "object, e.g. '{\"max_num_seqs\": 8}'.")
 @click.option("--foreground", "-F", is_flag=True, help="Stay in the foreground until the server ends (action=test).")
 @click.option("--dryrun", is_flag=True, help="Write the scripts and print the commands; start nothing.")
 def serve(model: str, args: tuple[str, ...], model_path: str | None, port: int | None, engine_args: str | None,
