@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flagscale import jobs
+from flagscale.config.hostfile import LOCALHOST
 from flagscale.config.loader import load_job_config
 from flagscale.exceptions import ConfigError
 from flagscale.main import compose_config
@@ -61,7 +62,7 @@ def test_llama_cpp_takes_vllm_names_and_its_own() -> None:
                         "enforce_eager": True, "seed": 7},
         "engine_args_specific": {"llama_cpp": {"threads": 2, "n_gpu_layers": 0}, "vllm": {"swap_space": 4}}}])
     engine = LlamaCpp()
-    argv = engine.argv("/venv/bin/python", deployment, engine.endpoint(deployment, engines_local()))
+    argv = engine.argv("/venv/bin/python", deployment, engine.endpoint(deployment, LOCALHOST))
     assert argv[0] == "/venv/bin/llama-server" or argv[0].endswith("/llama-server")
     assert argv[1:] == ["--model", "/m/model.gguf", "--alias", "tiny", "--parallel", "4", "--cache-type-k", "q8_0",
                         "--cache-type-v", "q8_0", "--seed", "7", "--threads", "2", "--n-gpu-layers", "0",
@@ -73,19 +74,13 @@ def test_llama_cpp_takes_vllm_names_and_its_own() -> None:
         engine.arguments(bad)
 
 
-def engines_local():
-    from flagscale.config.hostfile import LOCALHOST
-
-    return LOCALHOST
-
-
 def test_llama_cpp_needs_a_gguf_file(tmp_path: Path) -> None:
     (hf_folder,) = parse_deployments([{"serve_id": "m", "engine": "llama_cpp",
                                        "engine_args": {"model": str(tmp_path)}}])
     assert "is not a .gguf file or a folder with one" in LlamaCpp().model_problem(hf_folder)
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
     assert LlamaCpp().model_problem(hf_folder) is None
-    argv = LlamaCpp().argv("py", hf_folder, LlamaCpp().endpoint(hf_folder, engines_local()))
+    argv = LlamaCpp().argv("py", hf_folder, LlamaCpp().endpoint(hf_folder, LOCALHOST))
     assert argv[1:3] == ["--model", str(tmp_path / "model.gguf")]
 
 
