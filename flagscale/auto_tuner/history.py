@@ -2,13 +2,15 @@
 peak memory, estimate, reason). Rows are appended and flushed as trials end, so an interrupted
 search resumes from the file without re-running anything it holds. Each row carries the
 fingerprint of what was tuned (the training config minus the searched dimensions); a history
-recorded for a different job is refused rather than silently mixed in."""
+recorded for a different job is refused rather than silently mixed in. The serving tuner keeps its
+own columns in the same kind of file (`RowCodec`; flagscale/auto_tuner/serve/history.py)."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -68,7 +70,7 @@ def fingerprint(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, Enum):
@@ -97,7 +99,7 @@ def to_row(result: TrialResult) -> dict[str, str]:
     c = result.candidate
     values = {"trial": result.trial, "key": c.key, **{n: getattr(c, n) for n in CANDIDATE_COLUMNS},
               **{n: getattr(result, n) for n in RESULT_COLUMNS}}
-    return {name: _cell(value) for name, value in values.items()}
+    return {name: cell(value) for name, value in values.items()}
 
 
 def from_row(row: dict[str, str]) -> TrialResult:
@@ -111,15 +113,31 @@ def from_row(row: dict[str, str]) -> TrialResult:
     return TrialResult(trial=values["trial"], candidate=candidate, **fields)
 
 
+@dataclass(frozen=True, slots=True)
+class RowCodec:
+    """How one kind of result is a CSV row (its results have .trial, .candidate.key and .fingerprint)."""
+
+    columns: tuple[str, ...]
+    to_row: Callable[[Any], dict[str, str]]
+    from_row: Callable[[dict[str, str]], Any]
+    """Raises ValueError/KeyError/TypeError for a torn or foreign row."""
+
+
+TRAINING_ROWS = RowCodec(COLUMNS, to_row, from_row)
+
+
 class History:
     """The trials of one search, backed by history.csv."""
 
-    def __init__(self, path: Path, job_fingerprint: str) -> None:
+    def __init__(self, path: Path, job_fingerprint: str, rows: RowCodec = TRAINING_ROWS,
+                 what: str = "training config or trial length") -> None:
         self.path = path
         self.job_fingerprint = job_fingerprint
-        self.results: list[TrialResult] = self._load()
+        self.rows = rows
+        self.what = what
+        self.results: list[Any] = self._load()
 
-    def _load(self) -> list[TrialResult]:
+    def _load(self) -> list[Any]:
         if not self.path.is_file():
             return []
         with self.path.open(newline="", encoding="utf-8") as handle:
@@ -127,16 +145,16 @@ class History:
         results = []
         for row in rows:
             try:
-                results.append(from_row(row))
+                results.append(self.rows.from_row(row))
             except (KeyError, ValueError, TypeError):
                 continue  # a row torn by an interruption: that trial runs again
         foreign = {r.fingerprint for r in results} - {self.job_fingerprint}
         if foreign:
-            raise ConfigError(f"{self.path} was recorded for a different training config or trial length; "
+            raise ConfigError(f"{self.path} was recorded for a different {self.what}; "
                               f"use another experiment.exp_dir, or delete {self.path.parent} to start over")
         return results
 
-    def by_key(self) -> dict[str, TrialResult]:
+    def by_key(self) -> dict[str, Any]:
         """The latest result per candidate key."""
         return {r.candidate.key: r for r in self.results}
 
@@ -147,16 +165,16 @@ class History:
         used += [int(p.name.split("_")[1]) for p in self.path.parent.glob("trial_*") if p.name.split("_")[1].isdigit()]
         return max(used, default=0) + 1
 
-    def append(self, result: TrialResult) -> None:
+    def append(self, result: Any) -> None:
         """Record a finished trial (header written on first use; flushed at once)."""
         self.results.append(result)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.is_file() or self.path.stat().st_size == 0
         torn = not new and not self.path.read_bytes().endswith(b"\n")
         with self.path.open("a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+            writer = csv.DictWriter(handle, fieldnames=self.rows.columns)
             if new:
                 writer.writeheader()
             if torn:  # end an interrupted last line so it stays one (skipped) row
                 handle.write("\r\n")
-            writer.writerow(to_row(result))
+            writer.writerow(self.rows.to_row(result))

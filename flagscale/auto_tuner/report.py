@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,6 @@ from rich.live import Live
 from rich.table import Table
 
 from flagscale.auto_tuner.history import TrialResult, TrialStatus
-from flagscale.auto_tuner.space import Candidate
 
 STATUS_STYLE = {TrialStatus.OK: "green", TrialStatus.OOM: "red", TrialStatus.FAILED: "red",
                 TrialStatus.TIMEOUT: "yellow"}
@@ -60,12 +59,16 @@ def wide(console: Console) -> Console:
 
 @dataclass(slots=True)
 class LiveView:
-    """The live table on a terminal; one printed line per event elsewhere (CI logs, pipes)."""
+    """The live table on a terminal; one printed line per event elsewhere (CI logs, pipes). Used by the training
+    and the serving tuner: `table` draws the results (and the running trial's label), `line` says how one ended."""
 
     console: Console
-    metric: str
     header: str
-    results: list[TrialResult]
+    results: list[Any]
+    table: Callable[[list[Any], str, str | None], Table]
+    """(results, title, running label or None) -> the table."""
+    line: Callable[[Any], str]
+    """A finished trial's one-line summary (printed without a terminal)."""
     _live: Live | None = None
     _running: str | None = None
     _started: float = 0.0
@@ -83,15 +86,14 @@ class LiveView:
             self._live.__exit__(None, None, None)
 
     def _table(self) -> Table:
-        return trials_table(self.results[-20:], self.metric, self.header, self._running)
+        return self.table(self.results[-20:], self.header, self._running)
 
-    def start(self, trial: int, candidate: Candidate, estimate_mb: float | None, predicted_ms: float) -> None:
-        """A trial begins."""
+    def start(self, trial: int, label: str, detail: str = "") -> None:
+        """A trial begins: `label` in the table, `label (detail)` as a line."""
         self._started = time.time()
-        self._running = f"{trial}: {candidate.describe()}"
+        self._running = f"{trial}: {label}"
         if self._live is None:
-            self.console.print(f"trial {trial}: {candidate.describe()} (estimate {_fmt(estimate_mb, 0)} MB, "
-                               f"predicted {predicted_ms:.1f} ms/step)")
+            self.console.print(f"trial {trial}: {label}" + (f" ({detail})" if detail else ""), markup=False)
         else:
             self._live.update(self._table())
 
@@ -102,15 +104,26 @@ class LiveView:
             self._running = f"{base} — {progress}, {time.time() - self._started:.0f}s"
             self._live.update(self._table())
 
-    def finish(self, result: TrialResult) -> None:
+    def finish(self, result: Any) -> None:
         """A trial ended (`results` already holds it)."""
         self._running = None
         if self._live is None:
-            self.console.print(f"trial {result.trial}: {result.status.value}; {_fmt(result.tokens_per_s, 0)} tokens/s, "
-                               f"{_fmt(result.step_time_ms)} ms/step, peak {_fmt(result.peak_mem_mb, 0)} MB "
-                               f"(estimate {_fmt(result.estimate_mb, 0)} MB) {result.reason}".rstrip())
+            self.console.print(self.line(result), markup=False)
         else:
             self._live.update(self._table())
+
+
+def trial_line(result: TrialResult) -> str:
+    """A finished training trial in one line."""
+    return (f"trial {result.trial}: {result.status.value}; {_fmt(result.tokens_per_s, 0)} tokens/s, "
+            f"{_fmt(result.step_time_ms)} ms/step, peak {_fmt(result.peak_mem_mb, 0)} MB "
+            f"(estimate {_fmt(result.estimate_mb, 0)} MB) {result.reason}").rstrip()
+
+
+def training_view(console: Console, metric: str, header: str, results: list[TrialResult]) -> LiveView:
+    """The training tuner's live view."""
+    return LiveView(console, header, results, lambda rows, title, running: trials_table(rows, metric, title, running),
+                    trial_line)
 
 
 SUMMARY_COLUMNS = ("key", "strategy", "fate", "trial", "status", "tokens_per_s", "step_time_ms", "peak_mem_mb",

@@ -25,9 +25,9 @@ from flagscale.auto_tuner.cost import PROFILES, Predictor
 from flagscale.auto_tuner.history import History, TrialResult, fingerprint
 from flagscale.auto_tuner.memory import MemoryEstimate, estimate
 from flagscale.auto_tuner.report import (
-    LiveView,
     best_result,
     plot_trials,
+    training_view,
     trials_table,
     wide,
     write_best,
@@ -179,7 +179,7 @@ class Tuner:
     def _loop(self, plan: Plan, history: History, search: Search) -> str:
         control, began = self.config.control, time.time()
         in_space = {c.key for c in plan.candidates}
-        with LiveView(console, self.metric, "auto-tune trials", history.results) as view:
+        with training_view(console, self.metric, "auto-tune trials", history.results) as view:
             while True:
                 results = {k: r for k, r in history.by_key().items() if k in in_space}
                 if control.max_trials is not None and len(history.results) >= control.max_trials:
@@ -195,7 +195,8 @@ class Tuner:
                     search.drop(step.candidate, f"invalid: {problems[0]}")
                     continue
                 run = self.trial_run(history.next_trial, step.candidate, plan)
-                view.start(run.trial, run.candidate, run.estimate_mb, search.predicted_ms(run.candidate))
+                view.start(run.trial, run.candidate.describe(), f"estimate {run.estimate_mb or 0:,.0f} MB, predicted "
+                           f"{search.predicted_ms(run.candidate):.1f} ms/step")
                 limit = min(control.trial_timeout_s, left_s) if left_s is not None else control.trial_timeout_s
                 history.append(run_trial(run, control, limit, view.poll))
                 view.finish(history.results[-1])

@@ -32,7 +32,8 @@ RENAMES: dict[str, dict[str, str]] = {
 
 _HETERO = "heterogeneous (hetero) search is not implemented by this tuner; remove the hetero_* keys to tune a " \
           "homogeneous job"
-_SERVE = "a dimension of upstream's serve auto-tuner; action=auto_tune here tunes training jobs only"
+_SERVE = ("a dimension of the serving auto-tuner: it belongs in the auto_tuner block of a serve config "
+          "(experiment.task.type: serve), not a training one")
 _UPSTREAM_INTERNAL = "filled in by upstream's tuner itself; here the world size comes from experiment.runner and " \
                      "the hostfile; remove it"
 UNSUPPORTED: dict[str, str] = {
@@ -43,7 +44,7 @@ UNSUPPORTED: dict[str, str] = {
     "space.max_num_seqs": _SERVE,
     "space.swap_space": _SERVE,
     "space.instance": _SERVE,
-    "engines": "the engine list of upstream's serve auto-tuner; action=auto_tune here tunes training jobs only",
+    "engines": "the engine list of the serving auto-tuner: it belongs in a serve config (experiment.task.type: serve)",
     "args_mapping": "trial values are written under their Megatron names where train.* has them (else under "
                     "train.system); a key mapping is not supported, remove it",
     "nnodes": _UPSTREAM_INTERNAL,

@@ -8,6 +8,10 @@
       resources:                  # what each Ray node offers in a multi-host job
         num_gpus: 8
       ready_timeout_s: 600
+      profile:                    # the load action=auto_tune measures (flagscale/serve/loadgen.py: LoadProfile)
+        input_len: 32
+        output_len: 16
+        num_prompts: 64
 
 Unknown keys at the deployment or resources level are errors; `engine_args` is not checked
 here: vLLM itself rejects an argument it does not know, and the ready-wait shows its log.
@@ -22,6 +26,7 @@ from typing import Any
 
 from flagscale.config.schema import build
 from flagscale.exceptions import ConfigError
+from flagscale.serve.loadgen import LoadProfile
 
 _SERVE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -65,6 +70,8 @@ class Deployment:
     resources: Resources = field(default_factory=Resources)
     ready_timeout_s: float = 600.0
     """Seconds `run` waits for /health and /v1/models before it stops the job and shows the log."""
+    profile: LoadProfile | None = None
+    """The load action=auto_tune measures each trial with (upstream's serve profile keys); serving ignores it."""
 
     def __post_init__(self) -> None:
         if not _SERVE_ID.fullmatch(self.serve_id):
@@ -112,10 +119,21 @@ def _one(item: Any, path: str, default_engine: str) -> Deployment:
     if "serve_id" not in item:
         raise ConfigError(f"{path} has no serve_id; give each deployment a name")
     item = _with_engine_specific_args(item, path, default_engine)
-    if "profile" in item:
-        raise ConfigError(f"{path}.profile: the serving auto-tuner's load profile is not supported yet; remove it "
-                          "(serving works without it)")
+    profile = item.pop("profile", None)
     try:
-        return build(Deployment, item, path)
+        deployment: Deployment = build(Deployment, item, path)
     except ConfigError as err:
         raise ConfigError(f"{err} (in {path})" if path not in str(err) else str(err)) from None
+    if profile is not None:
+        deployment.profile = parse_profile(profile, f"{path}.profile")
+    return deployment
+
+
+def parse_profile(data: Any, path: str) -> LoadProfile:
+    """A `profile:` mapping as a LoadProfile; unknown keys and bad values name the key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path} must be a mapping (input_len, output_len, num_prompts, ...), got {data!r}")
+    try:
+        return build(LoadProfile, data, path)
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}".replace("profile.", "")) from None

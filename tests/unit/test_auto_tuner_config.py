@@ -214,7 +214,7 @@ def test_upstream_space_generates_candidates() -> None:
     [
         (UPSTREAM_HETERO, ["space.hetero_pipeline_layer_split: heterogeneous (hetero) search",
                            "space.hetero_process_meshes: heterogeneous"]),
-        (UPSTREAM_SERVE, ["space.block_size: a dimension of upstream's serve auto-tuner",
+        (UPSTREAM_SERVE, ["space.block_size: a dimension of the serving auto-tuner",
                           "space.max_num_batched_tokens", "space.max_num_seqs"]),
     ],
 )

@@ -12,9 +12,9 @@ from rich.console import Console
 from flagscale.auto_tuner.history import TrialResult, TrialStatus
 from flagscale.auto_tuner.report import (
     SUMMARY_COLUMNS,
-    LiveView,
     best_result,
     plot_trials,
+    training_view,
     write_best,
     write_summary,
 )
@@ -39,8 +39,8 @@ def test_best_result_by_metric_direction() -> None:
 def test_live_view_prints_lines_without_a_terminal() -> None:
     out = io.StringIO()
     console = Console(file=out, force_terminal=False, width=200)
-    with LiveView(console, "tokens_per_s", "trials", []) as view:
-        view.start(3, C, 409.0, 12.5)
+    with training_view(console, "tokens_per_s", "trials", []) as view:
+        view.start(3, C.describe(), "estimate 409 MB, predicted 12.5 ms/step")
         view.poll("iteration 4")
         view.finish(RESULTS[2])
     text = out.getvalue()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,10 @@ class ServingEngine(ABC):
     python_module: ClassVar[str | None] = None
     """The Python package the server needs on the host (checked here before a launch from this machine)."""
     install_hint: ClassVar[str] = ""
+    memory_knobs: ClassVar[frozenset[str]] = frozenset({"max_num_seqs", "max_model_len", "max_num_batched_tokens"})
+    """engine_args whose larger values need more memory (the auto-tuner prunes past a trial that ran out)."""
+    split_knobs: ClassVar[frozenset[str]] = frozenset()
+    """engine_args whose larger values split the model over more devices (less memory on each)."""
 
     @abstractmethod
     def argv(self, python: str, deployment: Deployment, where: Endpoint, *, nodes: int = 1,
@@ -111,6 +116,35 @@ class ServingEngine(ABC):
             return f"{self.name} is not installed here (no Python package '{self.python_module}'); {self.install_hint}"
         return None
 
+    def devices(self, deployment: Deployment) -> int:
+        """Devices (GPUs, or CPU processes) one server of this deployment uses."""
+        return 1
+
+    def context_per_request(self, deployment: Deployment) -> int | None:
+        """Tokens one request may hold (prompt and output): engine_args.max_model_len, else the model's own."""
+        given = deployment.engine_args.get("max_model_len")
+        if given is not None:
+            return int(given)
+        config = hf_config(str(deployment.engine_args["model"]))
+        value = (config or {}).get("max_position_embeddings")
+        return int(value) if value else None
+
+    def vocab_size(self, deployment: Deployment) -> int | None:
+        """The model's vocabulary size, read from its files (None: not a local model, or not said there)."""
+        value = (hf_config(str(deployment.engine_args["model"])) or {}).get("vocab_size")
+        return int(value) if value else None
+
+    def fit_problems(self, deployment: Deployment, longest_request: int, devices: int) -> list[str]:
+        """Why these settings cannot serve requests of up to `longest_request` tokens on `devices` devices (the
+        auto-tuner's static pruning; empty: they can)."""
+        problems = []
+        if self.devices(deployment) > devices:
+            problems.append(f"needs {self.devices(deployment)} devices, {devices} available")
+        context = self.context_per_request(deployment)
+        if context is not None and context < longest_request:
+            problems.append(f"holds {context} tokens per request, the load's longest request needs {longest_request}")
+        return problems
+
     def endpoint(self, deployment: Deployment, host: Host, address: str | None = None) -> Endpoint:
         """engine_args.host (default: 127.0.0.1 on this machine, else the host's own address: `address`, or its
         name) and port (default: the engine's)."""
@@ -129,6 +163,15 @@ class ServingEngine(ABC):
 def flags(deployment: Deployment, args: dict[str, Any]) -> list[str]:
     """Arguments as command-line flags under the shared flattening rules (flagscale/config/flatten.py)."""
     return to_argv(flatten_leaves(args, f"{deployment.serve_id}.engine_args"))
+
+
+def hf_config(model: str) -> dict[str, Any] | None:
+    """config.json of a local Hugging Face model folder (None: no such folder)."""
+    path = Path(model).expanduser() / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def is_ip(name: str) -> bool:

@@ -38,6 +38,8 @@ class LlamaCpp(ServingEngine):
     default_port = 8080
     ready_paths = ("/health", "/v1/models")
     install_hint = "build it with: bash install/install-requirements.sh --env inference --llama-cpp-backend cpu"
+    memory_knobs = frozenset({"max_num_seqs", "parallel", "max_model_len", "ctx_size", "batch_size", "ubatch_size",
+                              "max_num_batched_tokens"})
 
     def argv(self, python: str, deployment: Deployment, where: Endpoint, *, nodes: int = 1,
              entrypoint: str | None = None) -> list[str]:
@@ -70,6 +72,19 @@ class LlamaCpp(ServingEngine):
         """The vLLM-only settings of a deployment that llama.cpp does not use."""
         return sorted(set(deployment.engine_args) & VLLM_ONLY)
 
+    def context_per_request(self, deployment: Deployment) -> int | None:
+        """A slot's share of ctx_size (llama-server splits the context between its parallel slots)."""
+        args = self.arguments(deployment)
+        slots = int(args.get("parallel") or 1)
+        if args.get("ctx_size"):
+            return int(args["ctx_size"]) // slots
+        trained = _gguf_field(gguf_file(str(deployment.engine_args["model"])), "context_length")
+        return int(trained) // slots if trained else None
+
+    def vocab_size(self, deployment: Deployment) -> int | None:
+        tokens = _gguf_field(gguf_file(str(deployment.engine_args["model"])), "tokenizer.ggml.tokens")
+        return len(tokens) if tokens else None
+
     def served_name(self, deployment: Deployment) -> str:
         args = deployment.engine_args
         return str(args.get("served_model_name") or args.get("alias") or Path(str(args["model"])).stem)
@@ -101,6 +116,22 @@ def gguf_file(model: str) -> str:
         found = sorted(path.glob("*.gguf"))
         return str(found[0]) if found else model
     return model
+
+
+def _gguf_field(path: str, name: str) -> Any:
+    """A metadata field of a GGUF file (`context_length` under its architecture's prefix), or None."""
+    if not Path(path).is_file():
+        return None
+    try:
+        from gguf import GGUFReader
+    except ModuleNotFoundError:
+        return None
+    reader = GGUFReader(path)
+    if name == "context_length":
+        arch = reader.fields.get("general.architecture")
+        name = f"{arch.contents()}.context_length" if arch else name
+    found = reader.fields.get(name)
+    return found.contents() if found else None
 
 
 def _kv_cache_type(deployment: Deployment, value: Any) -> dict[str, str]:

@@ -17,7 +17,7 @@ from typing import Any
 from flagscale.config.hostfile import Host
 from flagscale.exceptions import ConfigError
 from flagscale.serve.deployment import Deployment
-from flagscale.serve.engines.base import Endpoint, ServingEngine, flags, is_ip
+from flagscale.serve.engines.base import Endpoint, ServingEngine, flags, hf_config, is_ip
 from flagscale.serve.ray_cluster import node_address
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -29,6 +29,9 @@ class VLLM(ServingEngine):
     multi_host = "ray"
     python_module = "vllm"
     install_hint = "install it with: bash install/install-requirements.sh --env inference"
+    memory_knobs = frozenset({"max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size",
+                              "gpu_memory_utilization", "kv_cache_memory_bytes"})
+    split_knobs = frozenset({"tensor_parallel_size", "pipeline_parallel_size"})
 
     def argv(self, python: str, deployment: Deployment, where: Endpoint, *, nodes: int = 1,
              entrypoint: str | None = None) -> list[str]:
@@ -60,6 +63,28 @@ class VLLM(ServingEngine):
 
     def env(self, deployment: Deployment, cache_dir: Path) -> dict[str, str]:
         return {"VLLM_CACHE_ROOT": str(cache_dir / "vllm")}
+
+    def devices(self, deployment: Deployment) -> int:
+        args = deployment.engine_args
+        return int(args.get("tensor_parallel_size") or 1) * int(args.get("pipeline_parallel_size") or 1)
+
+    def fit_problems(self, deployment: Deployment, longest_request: int, devices: int) -> list[str]:
+        """The base checks, vLLM's own refusals at start-up (vllm/config/scheduler.py) and heads per TP rank."""
+        problems = super().fit_problems(deployment, longest_request, devices)
+        args = deployment.engine_args
+        batched, seqs = args.get("max_num_batched_tokens"), args.get("max_num_seqs")
+        context = self.context_per_request(deployment)
+        if batched is not None and seqs is not None and int(batched) < int(seqs):
+            problems.append(f"max_num_batched_tokens {batched} < max_num_seqs {seqs} (vLLM refuses it)")
+        if (batched is not None and context is not None and int(batched) < context
+                and args.get("enable_chunked_prefill") is False):
+            problems.append(f"max_num_batched_tokens {batched} < max_model_len {context} without chunked prefill "
+                            "(vLLM refuses it)")
+        tp = int(args.get("tensor_parallel_size") or 1)
+        heads = (hf_config(str(args["model"])) or {}).get("num_attention_heads")
+        if heads and int(heads) % tp:
+            problems.append(f"tensor_parallel_size {tp} does not divide the model's {heads} attention heads")
+        return problems
 
     def model_hint(self, model: str) -> str:
         return ("point engine_args.model (flagscale serve: --model-path) at a Hugging Face model folder, e.g. one "
