@@ -10,9 +10,9 @@ those that meet them the metric decides; among those that do not, the smaller wo
    neighbours one step along one dimension (the space's value lists, in order) are tried; a neighbour becomes the
    incumbent only when it is better by `min_gain` (measurements vary by a few %). An engine whose every
    neighbour of its incumbent was tried or pruned has converged.
-3. An engine is climbed only while its best metric, `stop_margin` better, could still beat the best trial that
-   meets the SLO (a 4x slower engine is not tuned further); the search ends when every engine has converged or
-   been skipped.
+3. An engine is climbed only while its best metric, improved by as much as the climb gained on the best engine
+   (its best over its first trial) and by `stop_margin` more, could still reach the best trial that meets the SLO
+   (a 4x slower engine is not tuned further); the search ends when every engine has converged or been skipped.
 History prunes too: a trial that ran out of memory rules out every candidate of its engine that needs at least as
 much (larger or equal `memory_knobs`, smaller or equal `split_knobs`, the rest equal: flagscale/serve/engines/).
 
@@ -85,6 +85,10 @@ class Objective:
         va, vb = a.metric(self.metric) or 0.0, b.metric(self.metric) or 0.0
         return va > vb * (1 + gain) if self.higher_is_better else va * (1 + gain) < vb
 
+    def credited(self, value: float, gain: float) -> float:
+        """`value` improved by a factor `gain` (multiplied for a throughput, divided for a latency)."""
+        return value * gain if self.higher_is_better else value / gain
+
     def could_win(self, value: float, best: float, margin: float) -> bool:
         """Would `value`, `margin` better, reach `best`?"""
         return value * (1 + margin) >= best if self.higher_is_better else value <= best * (1 + margin)
@@ -141,16 +145,18 @@ class ServeSearch:
         climbing = sorted((e for e in engines if incumbents[e] is not None),
                           key=lambda e: self.objective.rank(incumbents[e]), reverse=True)  # type: ignore[arg-type]
         best = self.objective.best(done)
+        credit = self.tuning_gain(best, done)
         for engine in climbing:  # 2. climb, best engine first
             incumbent = incumbents[engine]
             assert incumbent is not None
             waiting = [c for c in left if c.engine == engine]
             value = incumbent.metric(self.objective.metric)
             if best is not None and best.candidate.engine != engine and value is not None and not (
-                    self.objective.could_win(value, best.metric(self.objective.metric) or 0.0, self.stop_margin)):
+                    self.objective.could_win(self.objective.credited(value, credit),
+                                             best.metric(self.objective.metric) or 0.0, self.stop_margin)):
                 self._fate(waiting, f"skipped: {engine}'s best (trial {incumbent.trial}, {value:,.1f} "
-                           f"{self.objective.metric}) cannot reach trial {best.trial}'s even {self.stop_margin:.0%} "
-                           "better")
+                           f"{self.objective.metric}) cannot reach trial {best.trial}'s even with the {credit:.2f}x "
+                           f"tuning gained on {best.candidate.engine} and {self.stop_margin:.0%} more")
                 continue
             for neighbour in self.neighbours(incumbent.candidate):
                 if neighbour in waiting:
@@ -159,6 +165,18 @@ class ServeSearch:
                        "its climb converged")
         return Step(None, "converged: every engine's best setting has no untried neighbour (or the engine cannot "
                     "beat the best)")
+
+    def tuning_gain(self, best: ServeResult | None, done: list[ServeResult]) -> float:
+        """How much the climb improved the best engine over its first ok trial (>= 1): the credit an engine still
+        at its first settings gets before it is compared with the best."""
+        if best is None:
+            return 1.0
+        first = next((r for r in done if r.candidate.engine == best.candidate.engine and r.status is TrialStatus.OK),
+                     None)
+        start, end = (first.metric(self.objective.metric) if first else None), best.metric(self.objective.metric)
+        if not start or not end:
+            return 1.0
+        return max(1.0, end / start if self.objective.higher_is_better else start / end)
 
     def _scout(self, engine: str, tried: list[ServeResult], waiting: list[ServeCandidate]) -> Step | None:
         """The engine's first candidate (nearest to its configured settings) until one trial of it is ok."""
