@@ -4,6 +4,7 @@
     flagscale train tiny_gpt --foreground     # like action=test: live progress, job's exit code
     flagscale train tiny_gpt train.model.train_iters=50 --dryrun
     flagscale serve tiny_gpt [--model-path P] [--port N] [--engine-args JSON]   # examples/tiny_gpt/conf/serve.yaml
+    flagscale bench http://127.0.0.1:8000/v1 [-n 64 -c 8] [--input-len 48 --output-len 32 --vocab-size 1024]
     flagscale status [EXP_DIR|MODEL] [--watch]
     flagscale logs [EXP_DIR|MODEL] [-f]
     flagscale stop [EXP_DIR|MODEL]
@@ -203,6 +204,68 @@ def show_events(path: Path, follow: bool) -> None:
         if not follow:
             return
         time.sleep(1.0)
+
+
+@main.command()
+@click.argument("url")
+@click.option("--model", help="The model name to ask for (default: the first one the server's /v1/models lists).")
+@click.option("--requests", "-n", default=32, show_default=True, help="Measured requests.")
+@click.option("--concurrency", "-c", default=4, show_default=True, help="Requests in flight at a time.")
+@click.option("--max-tokens", default=32, show_default=True, help="New tokens per request (text prompts).")
+@click.option("--input-len", type=int, help="Random token-id prompts of this many tokens (with --output-len).")
+@click.option("--output-len", type=int, help="New tokens per request for token-id prompts.")
+@click.option("--range-ratio", default=1.0, show_default=True, help="Lengths drawn between ratio x length and length.")
+@click.option("--vocab-size", type=int, help="Token ids are drawn below it (needed with --input-len).")
+@click.option("--warmup", default=2, show_default=True, help="Requests before the measured ones.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the figures here.")
+def bench(url: str, model: str | None, requests: int, concurrency: int, max_tokens: int, input_len: int | None,
+          output_len: int | None, range_ratio: float, vocab_size: int | None, warmup: int,
+          json_path: Path | None) -> None:
+    """Measure any OpenAI-compatible server at URL (e.g. http://127.0.0.1:8000/v1): TTFT, inter-token latency,
+    TPOT, end-to-end latency (mean/p50/p95), requests/s and tokens/s of streamed completions."""
+    _guard(lambda: run_bench(url, model, requests, concurrency, max_tokens, input_len, output_len, range_ratio,
+                             vocab_size, warmup, json_path))
+
+
+def run_bench(url: str, model: str | None, requests: int, concurrency: int, max_tokens: int, input_len: int | None,
+              output_len: int | None, range_ratio: float, vocab_size: int | None, warmup: int,
+              json_path: Path | None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flagscale.serve.loadgen import LoadProfile, LoadSpec, run_load, served_models
+
+    url = url.rstrip("/")
+    model = model or next(iter(served_models(url)), None)
+    if model is None:
+        raise FlagScaleError(f"{url}/models lists no model; give --model")
+    try:
+        if input_len is not None:
+            if vocab_size is None:
+                raise FlagScaleError("--input-len draws random token ids: give --vocab-size (the model's vocabulary)")
+            profile = LoadProfile(input_len=input_len, output_len=output_len or max_tokens, num_prompts=requests,
+                                  range_ratio=range_ratio, concurrency=concurrency, warmup_requests=warmup)
+            spec = profile.spec(url, model, vocab_size)
+        else:
+            spec = LoadSpec(url=url, model=model, requests=requests, concurrency=concurrency, max_tokens=max_tokens,
+                            warmup=warmup)
+    except ValueError as err:
+        raise FlagScaleError(str(err)) from None
+    console = Console(highlight=False)
+    with console.status(f"{requests} requests to {url} ({model}), {concurrency} at a time") as status:
+        report = run_load(spec, lambda done, total: status.update(f"request {done}/{total}"))
+    figures = report.figures()
+    table = Table(title=f"{url} · {model}", title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for name, value in figures.items():
+        table.add_row(name, f"{value:,}" if isinstance(value, int | float) else str(value))
+    console.print(table)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(report.to_json() + "\n")
+        console.print(f"written: {json_path}")
+    return 1 if figures["failed"] else 0
 
 
 @main.command(hidden=True, context_settings={"ignore_unknown_options": True})

@@ -183,6 +183,15 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return statistics.quantiles(sorted_values, n=100, method="inclusive")[int(q) - 1] if q < 100 else sorted_values[-1]
 
 
+def served_models(url: str, timeout_s: float = 10.0) -> list[str]:
+    """The model names a server lists at URL/models ([] if it lists none or does not answer)."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/models", timeout=timeout_s) as response:
+            return [m["id"] for m in json.loads(response.read()).get("data", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def one_request(spec: LoadSpec, prompt: Prompt, max_tokens: int) -> RequestTiming:
     """One streamed completion, timed from sending to each token's event."""
     body = json.dumps({"model": spec.model, "prompt": list(prompt) if isinstance(prompt, tuple) else prompt,

@@ -71,3 +71,19 @@ def test_percentiles() -> None:
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 50) == pytest.approx(50.5) and percentile(values, 95) == pytest.approx(95.05)
     assert percentile([3.0], 95) == 3.0
+
+
+def test_flagscale_bench_measures_a_server_and_writes_json(server: str, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from flagscale.cli import main
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", server, "--model", "tiny", "-n", "6", "-c", "3", "--input-len", "12",
+                                       "--output-len", "4", "--vocab-size", "50", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())["figures"]
+    assert figures["requests"] == 6 and figures["failed"] == 0 and figures["ttft_p50_ms"] / 1000 >= FIRST_S
+    assert figures["total_tokens_per_s"] > figures["output_tokens_per_s"]  # the prompt's tokens are known
+    failing = CliRunner().invoke(main, ["bench", server, "--model", "other", "-n", "2"])
+    assert failing.exit_code == 1 and "failed" in failing.output
