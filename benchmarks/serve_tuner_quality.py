@@ -1,0 +1,142 @@
+"""How good is the serving auto-tuner's search? On the space of examples/tiny_gpt/conf/serve_auto_tune.yaml (26 real
+configurations: vLLM 2, llama.cpp 24), with real servers and real loads:
+
+1. the full grid (control.search=grid): every configuration measured once — the reference;
+2. the SLO: `--slo METRIC=BOUND`, or by default the median of the grid's ttft_p95_ms, so that about half of the
+   configurations miss it and the constraint decides the answer;
+3. the tuner (control.search=climb, the default) under that SLO, in a fresh directory: its own real trials;
+4. baselines read off the grid's measurements: random search with the same number of trials (median of 5 seeds),
+   and the configured settings alone (the deployment as the YAML gives it, no tuning).
+
+Ratios are against the grid's best under the SLO (throughput, higher is better): the tuner's by its own measurement
+and by the grid's measurement of the configuration it chose. Writes <out>/serve_tuner_quality.json; last lines
+`trials ratio <x>` and `quality ratio <y>`.
+
+    python benchmarks/serve_tuner_quality.py [--hf DIR --gguf FILE] [--slo ttft_p95_ms=30] [--seeds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from serve_engines import free_port, models  # noqa: E402
+
+METRIC = "output_tokens_per_s"
+CONFIGURED = "llama_cpp:parallel=2,threads=2,batch_size=64"
+"""The example's own settings (engine llama_cpp, max_num_seqs 2 = parallel, threads 2, batch_size 64)."""
+
+
+def tune(exp: Path, hf: Path, gguf: Path, port: int, *extra: str) -> list[dict[str, str]]:
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(exp / "cache"), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+           "DO_NOT_TRACK": "1"}
+    argv = [sys.executable, str(REPO / "run.py"), "--config-path", str(REPO / "examples/tiny_gpt/conf"),
+            "--config-name", "serve_auto_tune", f"experiment.exp_dir={exp}", f"serve.0.engine_args.model={hf}",
+            f"serve.0.engine_args_specific.llama_cpp.model={gguf}", f"serve.0.engine_args.port={port}",
+            "experiment.auto_tuner.control.max_trials=null", *extra]
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode not in (0, 1):
+        raise SystemExit(f"the tuner failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    with (exp / "auto_tuner" / "history.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def meets(row: dict[str, str], slo: tuple[str, float]) -> bool:
+    return row["status"] == "ok" and bool(row[slo[0]]) and float(row[slo[0]]) <= slo[1]
+
+
+def best(rows: list[dict[str, str]], slo: tuple[str, float]) -> dict[str, str] | None:
+    ok = [r for r in rows if meets(r, slo)]
+    return max(ok, key=lambda r: float(r[METRIC])) if ok else None
+
+
+def value(row: dict[str, str] | None) -> float:
+    return float(row[METRIC]) if row else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hf", type=Path)
+    parser.add_argument("--gguf", type=Path)
+    parser.add_argument("--slo", help="METRIC=BOUND, a latency bound (default: ttft_p95_ms at the grid's median)")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="serve-tuner-"))
+    hf, gguf = (args.hf, args.gguf) if args.hf and args.gguf else models(scratch)
+    port = free_port()
+
+    print("grid: every configuration ...", flush=True)
+    grid = tune(scratch / "grid", hf, gguf, port, "experiment.auto_tuner.control.search=grid")
+    if args.slo:
+        name, _, bound = args.slo.partition("=")
+        slo = (name, float(bound))
+    else:
+        slo = ("ttft_p95_ms", statistics.median(float(r["ttft_p95_ms"]) for r in grid if r["status"] == "ok"))
+    truth = best(grid, slo)
+    if truth is None:
+        raise SystemExit(f"no grid configuration meets {slo[0]} <= {slo[1]:g}")
+    print(f"SLO {slo[0]} <= {slo[1]:.2f}: {sum(meets(r, slo) for r in grid)} of {len(grid)} grid configurations meet "
+          f"it; grid best {truth['key']} {value(truth):,.0f} {METRIC}", flush=True)
+
+    print("climb: the tuner under that SLO ...", flush=True)
+    climb = tune(scratch / "climb", hf, gguf, port, f"experiment.auto_tuner.performance.slo={{{slo[0]}: {slo[1]}}}")
+    chosen = best(climb, slo)
+    by_grid = {r["key"]: r for r in grid}
+    chosen_in_grid = by_grid.get(chosen["key"]) if chosen else None
+    trials = len(climb)
+
+    randoms = []
+    for seed in range(args.seeds):
+        sample = random.Random(seed).sample(grid, trials)
+        randoms.append(value(best(sample, slo)) / value(truth))
+    configured = by_grid.get(CONFIGURED)
+    configured_ok = configured is not None and meets(configured, slo)
+    figures = {
+        "grid_candidates": len(grid), "slo": {slo[0]: slo[1]}, "grid_best": truth["key"],
+        "grid_best_value": value(truth),
+        "tuner_trials": trials, "tuner_best": chosen["key"] if chosen else None, "tuner_best_value": value(chosen),
+        "tuner_choice_in_grid_value": value(chosen_in_grid) if chosen_in_grid and meets(chosen_in_grid, slo) else 0.0,
+        "random_search_ratios": [round(r, 3) for r in randoms], "random_search_median": statistics.median(randoms),
+        "configured_value": value(configured), "configured_meets_slo": configured_ok,
+        "startup_s_median": {e: statistics.median(float(r["startup_s"]) for r in grid if r["engine"] == e and
+                                                  r["startup_s"]) for e in ("vllm", "llama_cpp")},
+        "trial_s_median": {e: statistics.median(float(r["elapsed_s"]) for r in grid if r["engine"] == e)
+                           for e in ("vllm", "llama_cpp")},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve_tuner_quality.json").write_text(json.dumps(figures, indent=2) + "\n")
+    trials_ratio = trials / len(grid)
+    quality = value(chosen) / value(truth)
+    print("| | configuration | output tokens/s | vs grid best |\n|---|---|---|---|")
+    print(f"| grid best ({len(grid)} trials) | {truth['key']} | {value(truth):,.0f} | 1.000 |")
+    print(f"| tuner ({trials} trials), its measurement | {figures['tuner_best']} | {value(chosen):,.0f} | "
+          f"{quality:.3f} |")
+    print(f"| tuner's choice, grid's measurement | | {figures['tuner_choice_in_grid_value']:,.0f} | "
+          f"{figures['tuner_choice_in_grid_value'] / value(truth):.3f} |")
+    print(f"| random search ({trials} trials, median of {args.seeds} seeds) | | | "
+          f"{figures['random_search_median']:.3f} |")
+    print(f"| configured settings (no tuning) | {CONFIGURED} | {value(configured):,.0f} | "
+          f"{value(configured) / value(truth):.3f}{'' if configured_ok else ' (misses the SLO)'} |")
+    print(f"start-up median (s): {figures['startup_s_median']}; trial median (s): {figures['trial_s_median']}")
+    if configured and value(configured):
+        print(f"best beats the configured settings by {value(chosen) / value(configured):.2f}x")
+    print(f"written: {args.out / 'serve_tuner_quality.json'}")
+    print(f"trials ratio {trials_ratio:.3f}")
+    print(f"quality ratio {quality:.3f}")
+
+
+if __name__ == "__main__":
+    main()
