@@ -272,7 +272,7 @@ def test_tuner_runs_trials_writes_best_and_resumes_without_rerunning(tmp_path: P
     assert run.job.exp_dir == out / "trial_1" and run.job.action == "run" and run.job.experiment.auto_tuner is None
     item = run.job.raw["serve"][0]
     assert item["engine"] == "vllm" and item["engine_args_specific"]["vllm"]["max_num_seqs"] == 2
-    assert run.profile.num_prompts == 64 and run.vocab_size == 1024
+    assert run.profile.num_prompts == 128 and run.vocab_size == 1024
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert len(rows) == 3
     again = FakeServer()
@@ -310,3 +310,32 @@ def test_a_load_no_candidate_can_hold_is_one_error_before_any_trial(tmp_path: Pa
     with pytest.raises(ConfigError, match="the load's longest request needs 232"):
         tuner_module.serve_auto_tune(tune_job(tmp_path, "serve.0.profile.input_len=200"))
     assert not fake.runs
+
+
+def test_vllm_settings_vllm_would_refuse_are_pruned_before_any_trial(tmp_path: Path) -> None:
+    from flagscale.auto_tuner.serve.space import fit_problems, generate, trial_item
+    from flagscale.serve.engines import engine_for
+    from flagscale.serve.engines.base import Endpoint
+
+    hf, _ = fake_models(tmp_path)
+    item = {"serve_id": "m", "engine": "vllm", "engine_args": {"model": str(hf), "max_model_len": 128}}
+    config = load_serve_tuner_config({"space": {"vllm": {
+        "max_num_seqs": [8, 64], "max_num_batched_tokens": [32, 256], "enable_chunked_prefill": [True, False],
+        "tensor_model_parallel_size": [1, 2, 3]}}}, "vllm", devices=2)
+    profile = LoadProfile(input_len=48, output_len=32)
+    fates = {c.key: fit_problems(item, c, profile, config.devices) for c in generate(config)}
+    assert len(fates) == 24
+    ok = [k for k, problems in fates.items() if not problems]
+    assert all("tensor_parallel_size=3" not in k for k in ok)  # 3 devices > 2; 3 does not divide 4 heads
+    assert all(not ("max_num_seqs=64" in k and "max_num_batched_tokens=32" in k) for k in ok)
+    assert all(not ("max_num_batched_tokens=32" in k and "enable_chunked_prefill=false" in k) for k in ok)
+    assert "vllm:max_num_seqs=8,max_num_batched_tokens=32,enable_chunked_prefill=true,tensor_parallel_size=2" in ok
+    reasons = " ".join(" ".join(p) for p in fates.values())
+    assert "needs 3 devices, 2 available" in reasons and "does not divide the model's 4 attention heads" in reasons
+    assert "< max_model_len 128 without chunked prefill" in reasons and "< max_num_seqs 64" in reasons
+    # the trial's server turns chunked prefill off for real: vLLM's default is on, so false is --no-...
+    off = ServeCandidate("vllm", (("enable_chunked_prefill", False),))
+    deployment = tuner_module.deployment_of(trial_item(item, off), off)
+    argv = engine_for("vllm").argv("python", deployment, Endpoint(bind_host="127.0.0.1", port=1,
+                                                                  connect_host="127.0.0.1"))
+    assert "--no-enable-chunked-prefill" in argv and "--enable-chunked-prefill" not in argv

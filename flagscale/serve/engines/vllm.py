@@ -21,6 +21,9 @@ from flagscale.serve.engines.base import Endpoint, ServingEngine, flags, hf_conf
 from flagscale.serve.ray_cluster import node_address
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+DEFAULT_ON = ("enable_chunked_prefill", "enable_prefix_caching")
+"""vLLM switches that are on unless turned off: `false` is spelled --no-<name> (elsewhere a false flag is left out,
+which would leave these on)."""
 MULTI_NODE_ENTRY = "flagscale.serve.vllm_serve"
 
 
@@ -37,11 +40,12 @@ class VLLM(ServingEngine):
              entrypoint: str | None = None) -> list[str]:
         args: dict[str, Any] = self.arguments(deployment)
         args["host"], args["port"] = where.bind_host, where.port
+        off = [f"--no-{name.replace('_', '-')}" for name in DEFAULT_ON if args.get(name) is False]
         if nodes > 1 and self.multi_host_mode(deployment) == "ray":
             args["distributed_executor_backend"] = "ray"
         elif nodes > 1:
             entrypoint = entrypoint or MULTI_NODE_ENTRY
-        return [*server_command(python, entrypoint), *flags(deployment, args)]
+        return [*server_command(python, entrypoint), *flags(deployment, args), *off]
 
     def multi_host_mode(self, deployment: Deployment) -> str | None:
         backend = deployment.engine_args.get("distributed_executor_backend", "ray")
