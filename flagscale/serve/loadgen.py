@@ -50,6 +50,8 @@ class LoadSpec:
     """Requests sent (one at a time) and left out before the measured ones: a server's first requests are slow."""
     timeout_s: float = 120.0
     """Per request."""
+    more_urls: tuple[str, ...] = ()
+    """Other servers of the same model: request i goes to (url, *more_urls)[i % n] (replicas, no load balancer)."""
 
     def __post_init__(self) -> None:
         if self.requests < 1 or self.concurrency < 1 or self.max_tokens < 1 or self.warmup < 0 or not self.prompts:
@@ -192,11 +194,12 @@ def served_models(url: str, timeout_s: float = 10.0) -> list[str]:
         return []
 
 
-def one_request(spec: LoadSpec, prompt: Prompt, max_tokens: int) -> RequestTiming:
-    """One streamed completion, timed from sending to each token's event."""
+def one_request(spec: LoadSpec, prompt: Prompt, max_tokens: int, url: str | None = None) -> RequestTiming:
+    """One streamed completion (to `url`, default the spec's), timed from sending to each token's event."""
+    url = url or spec.url
     body = json.dumps({"model": spec.model, "prompt": list(prompt) if isinstance(prompt, tuple) else prompt,
                        "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}).encode()
-    request = urllib.request.Request(f"{spec.url.rstrip('/')}/completions", data=body,
+    request = urllib.request.Request(f"{url.rstrip('/')}/completions", data=body,
                                      headers={"Content-Type": "application/json"})
     started = time.perf_counter()
     stamps: list[float] = []
@@ -221,12 +224,13 @@ def one_request(spec: LoadSpec, prompt: Prompt, max_tokens: int) -> RequestTimin
 def run_load(spec: LoadSpec, on_done: Callable[[int, int], None] = lambda done, total: None) -> LoadReport:
     """`spec.warmup` requests one at a time (not measured), then `spec.requests`, at most `spec.concurrency` at a
     time; `on_done(done, total)` after each measured request."""
-    for i in range(spec.warmup):
-        one_request(spec, *spec.request(spec.requests + i))
+    servers = (spec.url, *spec.more_urls)
+    for i in range(spec.warmup * len(servers)):
+        one_request(spec, *spec.request(spec.requests + i), servers[i % len(servers)])
     done, lock = [0], threading.Lock()
 
     def timed(index: int) -> RequestTiming:
-        timing = one_request(spec, *spec.request(index))
+        timing = one_request(spec, *spec.request(index), servers[index % len(servers)])
         with lock:
             done[0] += 1
             on_done(done[0], spec.requests)

@@ -87,3 +87,27 @@ def test_flagscale_bench_measures_a_server_and_writes_json(server: str, tmp_path
     assert figures["total_tokens_per_s"] > figures["output_tokens_per_s"]  # the prompt's tokens are known
     failing = CliRunner().invoke(main, ["bench", server, "--model", "other", "-n", "2"])
     assert failing.exit_code == 1 and "failed" in failing.output
+
+
+def test_requests_are_spread_over_replicas(server: str) -> None:
+    import dataclasses
+
+    seen: list[str] = []
+    original = Streamer.do_POST
+
+    def counting(self) -> None:
+        seen.append(self.server.server_address[1])
+        original(self)
+
+    Streamer.do_POST = counting
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Streamer)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        second = f"http://127.0.0.1:{other.server_address[1]}/v1"
+        spec = dataclasses.replace(LoadSpec(url=server, model="tiny", requests=6, concurrency=3, max_tokens=2),
+                                   more_urls=(second,))
+        figures = run_load(spec).figures()
+    finally:
+        Streamer.do_POST = original
+        other.shutdown()
+    assert figures["failed"] == 0 and seen.count(other.server_address[1]) == 3 and len(seen) == 6

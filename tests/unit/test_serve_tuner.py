@@ -82,7 +82,6 @@ def test_upstream_flat_space_is_the_deployments_engine() -> None:
 
 
 @pytest.mark.parametrize(("block", "message"), [
-    ({"space": {"instance": [1, 2]}}, "space.vllm.instance: several servers behind one address need a load balancer"),
     ({"enignes": ["vllm"]}, "did you mean 'engines'"),
     ({"space": {"llama_cpp": {"threads": [1]}}}, "llama_cpp is not in experiment.auto_tuner.engines"),
     ({"space": {"max_num_seqs": "auto"}}, "'auto' stands for the divisors of the devices"),
@@ -339,3 +338,20 @@ def test_vllm_settings_vllm_would_refuse_are_pruned_before_any_trial(tmp_path: P
     argv = engine_for("vllm").argv("python", deployment, Endpoint(bind_host="127.0.0.1", port=1,
                                                                   connect_host="127.0.0.1"))
     assert "--no-enable-chunked-prefill" in argv and "--enable-chunked-prefill" not in argv
+
+
+def test_upstream_instance_is_servers_the_load_is_spread_over(tmp_path: Path) -> None:
+    from flagscale.auto_tuner.serve.space import fit_problems, generate, trial_item
+
+    config = load_serve_tuner_config({"space": {"instance": [1, 2, 4], "max_num_seqs": [4]}}, "llama_cpp", devices=2)
+    assert config.space["llama_cpp"]["num_replicas"] == [1, 2, 4]
+    assert any("instance (upstream) read as num_replicas" in n for n in config.notes)
+    _, gguf = fake_models(tmp_path)
+    item = {"serve_id": "m", "engine": "llama_cpp", "engine_args": {"model": str(gguf), "max_model_len": 128}}
+    candidates = generate(config)
+    two = trial_item(item, candidates[1])
+    assert two["resources"] == {"num_replicas": 2} and "num_replicas" not in two["engine_args_specific"]["llama_cpp"]
+    profile = LoadProfile(input_len=48, output_len=32)
+    assert [fit_problems(item, c, profile, 2) for c in candidates[:2]] == [[], []]
+    assert fit_problems(item, candidates[2], profile, 2) == [
+        "needs 4 devices (4 servers of 1), 2 available (experiment.auto_tuner.cards)"]

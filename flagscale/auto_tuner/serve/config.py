@@ -12,10 +12,11 @@ try (`control`). The load each trial is measured with is the deployment's `profi
 
 Upstream FlagScale's serve tuner keys load too (examples/qwen3/conf/serve_atmb.yaml, examples/qwen2_5/conf/
 serve_auto_tuner.yaml upstream): a flat `space` is the deployment's engine's, `tensor_model_parallel_size` /
-`pipeline_model_parallel_size` are vLLM's tensor/pipeline_parallel_size, `cards` the devices to use, `control.
-interval`, `performance.order`, upstream's metric names (ttft, itl, tpot, e2e_latency, token_throughput, ...) and
-`algo.name: grid`; each is noted as it is read. `space.instance` / `swap_space`-style keys of engines that are
-not installed end in one line before any trial.
+`pipeline_model_parallel_size` are vLLM's tensor/pipeline_parallel_size, `instance` is resources.num_replicas
+(servers the load generator spreads its requests over), `cards` the devices to use, `control.interval`,
+`performance.order`, upstream's metric names (ttft, itl, tpot, e2e_latency, token_throughput, ...) and
+`algo.name: grid`; each is noted as it is read. An engine in `engines` that is not installed ends in one line
+before any trial.
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ UPSTREAM_METRICS = {"ttft": "ttft_mean_ms", "itl": "itl_mean_ms", "tpot": "tpot_
                     "token_throughput": "total_tokens_per_s"}
 """Upstream's serve metrics (means over the requests) -> the same figure here."""
 SPACE_ALIASES = {"tensor_model_parallel_size": "tensor_parallel_size",
-                 "pipeline_model_parallel_size": "pipeline_parallel_size"}
-"""Upstream's names for vLLM's parallel sizes in a serve space."""
-AUTO_DIMENSIONS = ("tensor_parallel_size", "pipeline_parallel_size")
+                 "pipeline_model_parallel_size": "pipeline_parallel_size", "instance": "num_replicas"}
+"""Upstream's names in a serve space: vLLM's parallel sizes, and `instance` (servers of the deployment)."""
+REPLICAS = "num_replicas"
+"""The dimension that is not an engine argument: resources.num_replicas, servers the load is spread over."""
+AUTO_DIMENSIONS = ("tensor_parallel_size", "pipeline_parallel_size", REPLICAS)
 """The dimensions `auto` may stand for: every divisor of the devices (`cards`)."""
-REFUSED_SPACE = {"instance": "several servers behind one address need a load balancer, which FlagScale does not run; "
-                             "tune one server (resources.num_replicas copies the best one)"}
+REFUSED_SPACE: dict[str, str] = {}
 SEARCHES = ("climb", "grid")
 
 

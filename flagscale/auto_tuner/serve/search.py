@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flagscale.auto_tuner.history import TrialStatus
+from flagscale.auto_tuner.serve.config import REPLICAS
 from flagscale.auto_tuner.serve.history import ServeResult
 from flagscale.auto_tuner.serve.space import ServeCandidate, distance
 from flagscale.serve.engines import engine_for
@@ -230,7 +231,7 @@ def needs_more_memory(b: ServeCandidate, a: ServeCandidate) -> bool:
     for name, value in b.settings:
         other = theirs.get(name)
         numeric = isinstance(value, int | float) and isinstance(other, int | float) and not isinstance(value, bool)
-        if name in engine.memory_knobs and numeric:
+        if (name in engine.memory_knobs or name == REPLICAS) and numeric:
             if value < other:
                 return False
         elif name in engine.split_knobs and numeric:

@@ -1,4 +1,5 @@
-"""The serving search space: a ServeCandidate is one engine with values for its searched arguments; `generate`
+"""The serving search space: a ServeCandidate is one engine with values for its searched arguments (and maybe
+`num_replicas`, the deployment's resources.num_replicas); `generate`
 expands each engine's space into every combination; `trial_item` writes a candidate into the user's serve
 deployment; `fit_problems` is the static pruning (what the engine itself says cannot serve the load on the devices
 there are: flagscale/serve/engines/, `fit_problems`)."""
@@ -11,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flagscale.auto_tuner.serve.config import ServeTunerConfig
+from flagscale.auto_tuner.serve.config import REPLICAS, ServeTunerConfig
 from flagscale.exceptions import ConfigError
 from flagscale.serve.deployment import Deployment, parse_deployments
 from flagscale.serve.engines import engine_for
@@ -69,8 +70,11 @@ def trial_item(item: Mapping[str, Any], candidate: ServeCandidate) -> dict[str, 
     engine_args_specific[engine], which wins over engine_args (flagscale/serve/deployment.py)."""
     item = copy.deepcopy(dict(item))
     item["engine"] = candidate.engine
+    values = candidate.values
+    if REPLICAS in values:
+        item["resources"] = {**dict(item.get("resources") or {}), REPLICAS: values.pop(REPLICAS)}
     specific = dict(item.get("engine_args_specific") or {})
-    specific[candidate.engine] = {**dict(specific.get(candidate.engine) or {}), **candidate.values}
+    specific[candidate.engine] = {**dict(specific.get(candidate.engine) or {}), **values}
     item["engine_args_specific"] = specific
     return item
 
@@ -83,7 +87,13 @@ def deployment_of(item: Mapping[str, Any], candidate: ServeCandidate) -> Deploym
 def fit_problems(item: Mapping[str, Any], candidate: ServeCandidate, profile: LoadProfile, devices: int) -> list[str]:
     """Why the candidate cannot serve the profile's requests on `devices` devices (empty: it can)."""
     deployment = deployment_of(item, candidate)
-    return engine_for(candidate.engine).fit_problems(deployment, profile.longest, devices)
+    replicas, engine = deployment.resources.num_replicas, engine_for(candidate.engine)
+    problems = engine.fit_problems(deployment, profile.longest, devices)
+    need = engine.devices(deployment) * replicas
+    if replicas > 1 and need > devices and not any(p.startswith("needs ") for p in problems):
+        problems.insert(0, f"needs {need} devices ({replicas} servers of {engine.devices(deployment)}), "
+                        f"{devices} available (experiment.auto_tuner.cards)")
+    return problems
 
 
 def distance(candidate: ServeCandidate, target: Mapping[str, Any], order: Mapping[str, list[Any]]) -> float:

@@ -68,8 +68,10 @@ def run_serve_trial(run: ServeTrialRun, on_progress: Callable[[str], None] = lam
         raise
     startup = time.time() - began
     try:
-        spec = run.profile.spec(record.info["urls"][run.serve_id], record.info["models"][run.serve_id],
-                                run.vocab_size)
+        urls, models = record.info["urls"], record.info["models"]
+        names = [run.serve_id] if run.serve_id in urls else sorted(n for n in urls if n.startswith(f"{run.serve_id}-"))
+        spec = dataclasses.replace(run.profile.spec(urls[names[0]], models[names[0]], run.vocab_size),
+                                   more_urls=tuple(urls[n] for n in names[1:]))
         report = run_load(spec, lambda done, total: on_progress(f"request {done}/{total}"))
     finally:
         jobs.stop(run.exp_dir)
