@@ -4,7 +4,8 @@
     print(report.figures())
     spec = LoadProfile(input_len=32, output_len=16, num_prompts=64, concurrency=8).spec(url, model, vocab_size=512)
 
-Each request is a streamed `/completions` call (greedy, `ignore_eos`, its own number of new tokens); a prompt is
+Each request is a streamed `/completions` call (greedy, `ignore_eos`, its own number of new tokens, the usage
+asked for at the end: the token count comes from it where the server gives it); a prompt is
 text, or token ids (a `LoadProfile`: random ids of a length drawn per request, as upstream FlagScale's serve
 profile describes them, the same for every run with the same seed). From the server-sent events it records the
 time to the first token (TTFT), the gaps between tokens (ITL), the time per output token after the first (TPOT)
@@ -198,11 +199,14 @@ def one_request(spec: LoadSpec, prompt: Prompt, max_tokens: int, url: str | None
     """One streamed completion (to `url`, default the spec's), timed from sending to each token's event."""
     url = url or spec.url
     body = json.dumps({"model": spec.model, "prompt": list(prompt) if isinstance(prompt, tuple) else prompt,
-                       "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}).encode()
+                       "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+                       "stream_options": {"include_usage": True}}).encode()
     request = urllib.request.Request(f"{url.rstrip('/')}/completions", data=body,
                                      headers={"Content-Type": "application/json"})
     started = time.perf_counter()
     stamps: list[float] = []
+    counted: int | None = None
+    ended: float | None = None
     try:
         with urllib.request.urlopen(request, timeout=spec.timeout_s) as response:
             for raw in response:
@@ -210,14 +214,24 @@ def one_request(spec: LoadSpec, prompt: Prompt, max_tokens: int, url: str | None
                 if not line.startswith("data:") or line == "data: [DONE]":
                     continue
                 event = json.loads(line[5:])
-                if any(choice.get("text") for choice in event.get("choices", [])):
-                    stamps.append(time.perf_counter())
+                now = time.perf_counter()
+                counted = (event.get("usage") or {}).get("completion_tokens", counted)
+                for choice in event.get("choices") or []:
+                    # a token's chunk: text, or none yet (a special token, part of a UTF-8 character); an empty
+                    # chunk with a finish_reason only ends the stream
+                    if choice.get("text") or choice.get("finish_reason") is None:
+                        stamps.append(now)
+                    else:
+                        ended = now
     except (OSError, ValueError) as err:
         return RequestTiming(ok=False, error=f"{type(err).__name__}: {err}")
+    if not stamps and counted and ended is not None:  # the server sent the tokens' text only at the end
+        stamps = [ended]
     if not stamps:
         return RequestTiming(ok=False, error="the stream carried no token")
-    return RequestTiming(ok=True, ttft_s=stamps[0] - started, e2e_s=stamps[-1] - started, tokens=len(stamps),
-                         prompt_tokens=len(prompt) if isinstance(prompt, tuple) else None,
+    prompt_tokens = len(prompt) if isinstance(prompt, tuple) else None
+    return RequestTiming(ok=True, ttft_s=stamps[0] - started, e2e_s=stamps[-1] - started,
+                         tokens=counted or len(stamps), prompt_tokens=prompt_tokens,
                          gaps_s=[b - a for a, b in pairwise(stamps)])
 
 

@@ -27,12 +27,15 @@ class Streamer(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
         time.sleep(FIRST_S)
-        for i in range(min(TOKENS, body["max_tokens"])):
+        tokens = min(TOKENS, body["max_tokens"])
+        for i in range(tokens):
             if i:
                 time.sleep(GAP_S)
-            self.wfile.write(f"data: {json.dumps({'choices': [{'text': f't{i}'}]})}\n\n".encode())
+            text = "" if i == 2 else f"t{i}"  # token 2 has no text of its own (a special token, half a character)
+            self.wfile.write(f"data: {json.dumps({'choices': [{'text': text, 'finish_reason': None}]})}\n\n".encode())
             self.wfile.flush()
-        self.wfile.write(b"data: [DONE]\n\n")
+        end = {"choices": [{"text": "", "finish_reason": "length"}], "usage": {"completion_tokens": tokens}}
+        self.wfile.write(f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode())
 
     def log_message(self, *args: object) -> None:
         pass
@@ -53,7 +56,7 @@ def test_latencies_follow_the_server_s_clock(server: str) -> None:
     report = run_load(LoadSpec(url=server, model="tiny", requests=8, concurrency=4, max_tokens=16))
     figures = report.figures()
     assert figures["requests"] == 8 and figures["failed"] == 0
-    assert all(t.tokens == TOKENS for t in report.timings)
+    assert all(t.tokens == TOKENS and len(t.gaps_s) == TOKENS - 1 for t in report.timings)  # the empty chunk counts
     assert FIRST_S <= figures["ttft_p50_ms"] / 1000 < FIRST_S + 0.1
     assert GAP_S * 0.8 <= figures["itl_p50_ms"] / 1000 < GAP_S + 0.05
     expected_e2e = FIRST_S + (TOKENS - 1) * GAP_S
