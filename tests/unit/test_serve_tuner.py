@@ -355,3 +355,29 @@ def test_upstream_instance_is_servers_the_load_is_spread_over(tmp_path: Path) ->
     assert [fit_problems(item, c, profile, 2) for c in candidates[:2]] == [[], []]
     assert fit_problems(item, candidates[2], profile, 2) == [
         "needs 4 devices (4 servers of 1), 2 available (experiment.auto_tuner.cards)"]
+
+
+def test_a_launch_that_starts_nothing_ends_the_session_a_server_that_dies_is_a_failed_trial(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flagscale.auto_tuner.serve import trial as trial_module
+    from flagscale.exceptions import LaunchError
+
+    tuner = tuner_module.ServeTuner(tune_job(tmp_path))
+    run = tuner.trial_run(1, ServeCandidate("llama_cpp", (("parallel", 2),)))
+
+    def port_in_use(job, **_):
+        raise LaunchError("host localhost: port 8000 is in use; nothing was started")
+
+    monkeypatch.setattr(trial_module.jobs, "launch", port_in_use)
+    with pytest.raises(LaunchError, match="port 8000 is in use"):
+        trial_module.run_serve_trial(run)
+
+    def server_dies(job, **_):
+        job.exp_dir.mkdir(parents=True, exist_ok=True)
+        (job.exp_dir / "job.json").write_text("{}")
+        raise LaunchError("the job is FAILED: http://127.0.0.1:8000/health does not answer; stopped the job. Last "
+                          "lines of x.log:\nValueError: max_num_batched_tokens (32) must be greater than or equal")
+
+    monkeypatch.setattr(trial_module.jobs, "launch", server_dies)
+    failed = trial_module.run_serve_trial(run)
+    assert failed.status is TrialStatus.FAILED and "ValueError: max_num_batched_tokens (32)" in failed.reason

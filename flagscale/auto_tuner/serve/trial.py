@@ -18,7 +18,7 @@ from flagscale.auto_tuner.serve.history import FIGURES, ServeResult
 from flagscale.auto_tuner.serve.space import ServeCandidate
 from flagscale.auto_tuner.trial import classify_failure
 from flagscale.config.loader import ConfigSource, JobConfig
-from flagscale.exceptions import FlagScaleError
+from flagscale.exceptions import ConfigError, FlagScaleError
 from flagscale.serve.loadgen import LoadProfile, run_load
 
 
@@ -60,6 +60,8 @@ def run_serve_trial(run: ServeTrialRun, on_progress: Callable[[str], None] = lam
     try:
         record = jobs.launch(run.job, on_wait=on_progress)
     except FlagScaleError as err:
+        if not isinstance(err, ConfigError) and not (run.exp_dir / "job.json").is_file():
+            raise  # nothing started (a port in use, a host that does not answer): every trial would fail alike
         status, reason = classify_failure(str(err).split("\n", 1)[-1])
         return _result(run, began, status, reason=f"the server did not start: {reason}")
     except KeyboardInterrupt:
