@@ -10,9 +10,11 @@ those that meet them the metric decides; among those that do not, the smaller wo
    neighbours one step along one dimension (the space's value lists, in order) are tried; a neighbour becomes the
    incumbent only when it is better by `min_gain` (measurements vary by a few %). An engine whose every
    neighbour of its incumbent was tried or pruned has converged.
-3. An engine is climbed only while its best metric, improved by as much as the climb gained on the best engine
-   (its best over its first trial) and by `stop_margin` more, could still reach the best trial that meets the SLO
-   (a 4x slower engine is not tuned further); the search ends when every engine has converged or been skipped.
+3. Every engine first tries the neighbours of its first settings (the configured ones may suit one engine and not
+   another); after that it is climbed only while its best metric, improved by as much as climbing gained on the
+   best engine or on itself (best over first trial) and by `stop_margin` more, could still reach the best trial
+   that meets the SLO (a 4x slower engine is not tuned further); the search ends when every engine has converged
+   or been skipped.
 History prunes too: a trial that ran out of memory rules out every candidate of its engine that needs at least as
 much (larger or equal `memory_knobs`, smaller or equal `split_knobs`, the rest equal: flagscale/serve/engines/).
 
@@ -146,12 +148,17 @@ class ServeSearch:
         climbing = sorted((e for e in engines if incumbents[e] is not None),
                           key=lambda e: self.objective.rank(incumbents[e]), reverse=True)  # type: ignore[arg-type]
         best = self.objective.best(done)
-        credit = self.tuning_gain(best, done)
         for engine in climbing:  # 2. climb, best engine first
             incumbent = incumbents[engine]
             assert incumbent is not None
+            mine = [r for r in done if r.candidate.engine == engine]
             waiting = [c for c in left if c.engine == engine]
+            first = next(r for r in mine if r.status is TrialStatus.OK)
+            first_round = [n for n in self.neighbours(first.candidate) if n in waiting]
+            if first_round:  # every engine tries the neighbours of its first settings before it may be skipped
+                return Step(first_round[0])
             value = incumbent.metric(self.objective.metric)
+            credit = max(self.tuning_gain(best, done), self.tuning_gain(incumbent, mine))
             if best is not None and best.candidate.engine != engine and value is not None and not (
                     self.objective.could_win(self.objective.credited(value, credit),
                                              best.metric(self.objective.metric) or 0.0, self.stop_margin)):
