@@ -100,11 +100,14 @@ def main() -> None:
     parser.add_argument("--slo", help="METRIC=BOUND, a latency bound (default: itl_p95_ms at the grid's median)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
+    parser.add_argument("--scratch", type=Path, help="work folder (default: a new temporary one); an earlier run's "
+                        "folder resumes its grid and tuner histories")
     args = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="serve-tuner-"))
+    scratch = args.scratch or Path(tempfile.mkdtemp(prefix="serve-tuner-"))
     hf, gguf = (args.hf, args.gguf) if args.hf and args.gguf else models(scratch)
     if args.model == "small":
-        hf, gguf = small_model(scratch, hf)
+        small = scratch / "small" / "hf", scratch / "small" / "gguf" / "model.gguf"
+        hf, gguf = small if small[1].is_file() else small_model(scratch, hf)
     port = free_port()
 
     print("grid: every configuration ...", flush=True)
@@ -121,7 +124,8 @@ def main() -> None:
           f"it; grid best {truth['key']} {value(truth):,.0f} {METRIC}", flush=True)
 
     print("climb: the tuner under that SLO ...", flush=True)
-    climb = tune(scratch / "climb", hf, gguf, port, f"experiment.auto_tuner.performance.slo={{{slo[0]}: {slo[1]}}}")
+    climb = tune(scratch / "climb", hf, gguf, port, "~experiment.auto_tuner.performance.slo",
+                 f"+experiment.auto_tuner.performance.slo.{slo[0]}={slo[1]}")
     chosen = best(climb, slo)
     by_grid = {r["key"]: r for r in grid}
     chosen_in_grid = by_grid.get(chosen["key"]) if chosen else None

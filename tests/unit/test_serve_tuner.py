@@ -276,7 +276,7 @@ def test_tuner_runs_trials_writes_best_and_resumes_without_rerunning(tmp_path: P
     assert len(rows) == 3
     again = FakeServer()
     monkeypatch.setattr(tuner_module, "run_serve_trial", again)
-    assert tuner_module.serve_auto_tune(tune_job(tmp_path)) == 0
+    assert tuner_module.serve_auto_tune(tune_job(tmp_path, "serve.0.engine_args.port=8123")) == 0  # another port
     keys = [r["key"] for r in csv.DictReader((out / "history.csv").open())]
     assert len(keys) == len(set(keys)) == 3 + len(again.runs)  # nothing recorded ran again
     assert {r.candidate.key for r in again.runs}.isdisjoint(row["key"] for row in rows)

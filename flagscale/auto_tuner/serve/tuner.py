@@ -73,7 +73,7 @@ class ServeTuner:
                                    slo=dict(performance.slo), higher=METRICS)
         self.vocab_size = self._vocab_size()
         self.dir = base.exp_dir / "auto_tuner"
-        self.fingerprint = fingerprint({"serve": self.item, "profile": dataclasses.asdict(self.profile),
+        self.fingerprint = fingerprint({"serve": measured_item(self.item), "profile": dataclasses.asdict(self.profile),
                                         "hosts": [(h.name, h.port) for h in self.hosts]})
 
     def _check_engines(self) -> None:
@@ -270,6 +270,14 @@ class ServeTuner:
                          "output_tokens_per_s": r.metric("output_tokens_per_s") if r else None,
                          "reason": r.reason if r else None})
         return sorted(rows, key=lambda row: (row["trial"] is None, row["trial"] or 0, row["key"]))
+
+
+def measured_item(item: Mapping[str, Any]) -> dict[str, Any]:
+    """The deployment as far as it shapes a measurement: without the port it listens on or how long start-up may take
+    (a history recorded on another port is still valid)."""
+    item = {k: v for k, v in item.items() if k != "ready_timeout_s"}
+    item["engine_args"] = {k: v for k, v in dict(item.get("engine_args") or {}).items() if k != "port"}
+    return item
 
 
 def serve_auto_tune(job: JobConfig, run_job: RunJob | None = None) -> int:
