@@ -9,7 +9,9 @@ those that meet them the metric decides; among those that do not, the smaller wo
 2. Climb: the engine whose best trial ranks highest goes first; from its best trial (the incumbent), the
    neighbours one step along one dimension (the space's value lists, in order) are tried; a neighbour becomes the
    incumbent only when it is better by `min_gain` (measurements vary by a few %). An engine whose every
-   neighbour of its incumbent was tried or pruned has converged.
+   neighbour of its incumbent was tried or pruned has converged — unless a neighbour beat it but missed the SLO:
+   then that neighbour's neighbours along the other dimensions are tried (one step aside from where it crossed
+   the bound, a better setting may meet it).
 3. Every engine first tries the neighbours of its first settings (the configured ones may suit one engine and not
    another); after that it is climbed only while its best metric, improved by as much as climbing gained on the
    best engine or on itself (best over first trial) and by `stop_margin` more, could still reach the best trial
@@ -153,15 +155,15 @@ class ServeSearch:
             assert incumbent is not None
             mine = [r for r in done if r.candidate.engine == engine]
             waiting = [c for c in left if c.engine == engine]
-            first = next(r for r in mine if r.status is TrialStatus.OK)
-            first_round = [n for n in self.neighbours(first.candidate) if n in waiting]
-            if first_round:  # every engine tries the neighbours of its first settings before it may be skipped
-                return Step(first_round[0])
             value = incumbent.metric(self.objective.metric)
             credit = max(self.tuning_gain(best, done), self.tuning_gain(incumbent, mine))
             if best is not None and best.candidate.engine != engine and value is not None and not (
                     self.objective.could_win(self.objective.credited(value, credit),
                                              best.metric(self.objective.metric) or 0.0, self.stop_margin)):
+                first = next(r for r in mine if r.status is TrialStatus.OK)
+                first_round = [n for n in self.neighbours(first.candidate) if n in waiting]
+                if first_round:  # the neighbours of an engine's first settings are tried before it is skipped
+                    return Step(first_round[0])
                 self._fate(waiting, f"skipped: {engine}'s best (trial {incumbent.trial}, {value:,.1f} "
                            f"{self.objective.metric}) cannot reach trial {best.trial}'s even with the {credit:.2f}x "
                            f"tuning gained on {best.candidate.engine} and {self.stop_margin:.0%} more")
@@ -169,10 +171,32 @@ class ServeSearch:
             for neighbour in self.neighbours(incumbent.candidate):
                 if neighbour in waiting:
                     return Step(neighbour)
+            for beyond in self.past_the_bound(incumbent, mine):
+                if beyond in waiting:
+                    return Step(beyond)
             self._fate(waiting, f"not tried: no neighbour of {engine}'s best (trial {incumbent.trial}) is left; "
                        "its climb converged")
         return Step(None, "converged: every engine's best setting has no untried neighbour (or the engine cannot "
                     "beat the best)")
+
+    def past_the_bound(self, incumbent: ServeResult, mine: list[ServeResult]) -> Iterator[ServeCandidate]:
+        """Neighbours of the incumbent's neighbours that missed the SLO while beating its metric: a better setting
+        that meets the bound may lie one step aside from them (a diagonal move the climb alone never makes)."""
+        adjacent = set(self.neighbours(incumbent.candidate))
+        value = incumbent.metric(self.objective.metric)
+        if value is None:
+            return
+        floor = self.objective.signed(value) + abs(value) * self.min_gain
+
+        def gain(r: ServeResult) -> float:
+            return self.objective.signed(r.metric(self.objective.metric) or 0.0)
+
+        over = [r for r in mine if r.candidate in adjacent and r.metric(self.objective.metric) is not None
+                and not self.objective.feasible(r) and math.isfinite(self.objective.violation(r)) and gain(r) > floor]
+        mine_values = incumbent.candidate.values
+        for r in sorted(over, key=gain, reverse=True):  # aside from r, not further along the step that crossed
+            yield from (n for n in self.neighbours(r.candidate) if n not in adjacent
+                        and sum(v != mine_values[k] for k, v in n.settings) == 2)
 
     def tuning_gain(self, best: ServeResult | None, done: list[ServeResult]) -> float:
         """How much the climb improved the best engine over its first ok trial (>= 1): the credit an engine still
