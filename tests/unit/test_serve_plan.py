@@ -62,7 +62,8 @@ def test_engine_args_pass_through_by_shared_flatten_rules() -> None:
     assert argv[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
     assert argv[3:] == ["--model", "/m", "--tensor-parallel-size", "2", "--enforce-eager", "--served-model-name",
                         "a", "b", "--max-num-seqs", "4", "--compilation-config", '{"level": 0}',
-                        "--some-future-vllm-option", "kept", "--host", "127.0.0.1", "--port", "8000"]
+                        "--some-future-vllm-option", "kept", "--host", "127.0.0.1", "--port", "8000",
+                        "--no-enable-prefix-caching"]  # on by default in vLLM: false is spelled out, not dropped
 
 
 def test_a_leaf_set_twice_follows_argparse_last_wins() -> None:
