@@ -25,6 +25,7 @@ from flagscale.exceptions import ConfigError
 from flagscale.main import compose_config
 from flagscale.serve.loadgen import LoadProfile
 from tests.conftest import REPO
+from tests.unit.test_auto_tuner_config import UPSTREAM_SERVE, upstream_block
 
 UPSTREAM_ATMB = """
 engines: [vllm, sglang, llama_cpp]
@@ -49,17 +50,6 @@ control:
   interval: 10
   run_best: False
 """
-UPSTREAM_FLAT = """
-space:
-  tensor_model_parallel_size: "auto"
-  pipeline_model_parallel_size: [1, 2]
-  block_size: [8, 16, 32]
-  max_num_batched_tokens: [512, 1024, 2048]
-  max_num_seqs: [128, 256]
-control:
-  interval: 10
-  run_best: False
-"""
 
 
 def test_upstream_multi_backend_block_loads() -> None:
@@ -75,7 +65,7 @@ def test_upstream_multi_backend_block_loads() -> None:
 
 
 def test_upstream_flat_space_is_the_deployments_engine() -> None:
-    config = load_serve_tuner_config(yaml.safe_load(UPSTREAM_FLAT), "vllm", devices=2)
+    config = load_serve_tuner_config(upstream_block(UPSTREAM_SERVE), "vllm", devices=2)  # qwen2_5's
     assert config.engines == ["vllm"]
     assert config.space["vllm"]["tensor_parallel_size"] == [1, 2]
     assert config.space["vllm"]["block_size"] == [8, 16, 32]
