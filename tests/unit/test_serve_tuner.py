@@ -371,3 +371,17 @@ def test_a_launch_that_starts_nothing_ends_the_session_a_server_that_dies_is_a_f
     monkeypatch.setattr(trial_module.jobs, "launch", server_dies)
     failed = trial_module.run_serve_trial(run)
     assert failed.status is TrialStatus.FAILED and "ValueError: max_num_batched_tokens (32)" in failed.reason
+
+
+def test_max_trials_stops_the_search_and_run_best_serves_the_best(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeServer()
+    monkeypatch.setattr(tuner_module, "run_serve_trial", fake)
+    served = []
+    job = tune_job(tmp_path, "experiment.auto_tuner.control.max_trials=3",
+                   "+experiment.auto_tuner.control.run_best=true")
+    assert tuner_module.serve_auto_tune(job, run_job=lambda best: served.append(best) or 0) == 0
+    assert len(fake.runs) == 3 and "search ended: max_trials (3) reached" in capsys.readouterr().out
+    (best,) = served
+    assert best.action == "run" and best.exp_dir == tmp_path / "exp" and best.raw["serve"][0]["engine"] == "vllm"
+    assert best.raw["serve"][0]["engine_args_specific"]["vllm"]["max_num_seqs"] == 8  # 1,131 > 566 and 537 tokens/s
