@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flagscale.config import hetero
 from flagscale.config.flatten import Leaves, flatten_leaves, to_argv
 from flagscale.config.hostfile import Host
 from flagscale.config.schema import unknown_key_message
@@ -79,6 +80,8 @@ def train_arguments(ctx: PlanContext) -> TrainArguments:
             result.cuda_only.append(name)
             if kind != "used":
                 result.not_applied.append(name)
+    if leaves.get("enable_hetero", ("", False))[1]:  # validated as a layout (flagscale/config/hetero.py)
+        refused = [r for r in refused if r[0] not in hetero.KEYS]
     if refused:
         raise ConfigError(_refusal(refused, ctx))
     _add_dir_defaults(result.leaves, ctx)
@@ -144,6 +147,8 @@ class TrainRunner(TaskRunner):
                              "restarts it from its last checkpoint (action=stop stops both)")
         args = self._parse(ctx, arguments)
         world = sum(ctx.nproc(h) for h in ctx.hosts)
+        if self._hetero(ctx, arguments, world):
+            return
         try:
             megatron_args.checked(args, world)
         except ConfigError as err:
@@ -152,6 +157,36 @@ class TrainRunner(TaskRunner):
         if missing and ctx.job.action != "dryrun":
             raise ConfigError(missing[0])
         ctx.notes.extend(missing)
+
+    def _hetero(self, ctx: PlanContext, arguments: TrainArguments, world: int) -> bool:
+        """A heterogeneous layout (train.system.hetero): checked, its hosts put in mesh order and its rank map noted;
+        True if there is one. Only a dryrun goes on: the training program does not build the meshes yet."""
+        leaves = arguments.leaves
+
+        def where(name: str) -> str:
+            path = leaves.get(name, (f"train.system.hetero.{name}", None))[0]
+            return f"{path} (in {ctx.job.source.locate(path)})"
+
+        layout = hetero.hetero_layout({name: value for name, (_, value) in leaves.items()}, where)
+        if layout is None:
+            return False
+        problems = hetero.model_problems(layout, {name: value for name, (_, value) in leaves.items()}, where)
+        if problems:
+            raise ConfigError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        ctx.hosts = hetero.assign_hosts(layout, ctx.hosts, ctx.nproc)
+        if world != layout.world_size:
+            raise ConfigError(f"the meshes of {where('hetero_process_meshes')} need {layout.world_size} processes, the "
+                              f"hosts run {world}: set experiment.runner.nproc_per_node={layout.world_size}"
+                              if all(h.is_local for h in ctx.hosts) else
+                              f"the meshes need {layout.world_size} processes, the hosts run {world}")
+        ctx.notes.append(f"heterogeneous layout: {len(layout.meshes)} meshes, {layout.num_stages} pipeline stages, "
+                         f"layers {list(layout.layer_split)}; " + "; ".join(m.describe() for m in layout.meshes))
+        ctx.notes.extend(hetero.rank_table(layout, ctx.hosts, ctx.nproc))
+        if ctx.job.action != "dryrun":
+            raise ConfigError(f"{where('enable_hetero')}: the layout is valid (action=dryrun shows its rank map), but "
+                              "this project's training program does not build heterogeneous meshes yet; remove "
+                              "train.system.hetero to train with one tensor/pipeline layout")
+        return True
 
     def plan(self, ctx: PlanContext) -> Plan:
         engine_argv = to_argv(train_arguments(ctx).leaves) + ["--metrics-dir", str(ctx.log_dir)]
@@ -162,11 +197,13 @@ class TrainRunner(TaskRunner):
             for h, n in zip(ctx.hosts, nprocs)
             if runner.nproc_per_node and n < runner.nproc_per_node
         ]
+        hetero_on = bool(train_arguments(ctx).leaves.get("enable_hetero", ("", False))[1])
         processes = [
             ProcessSpec(
                 host=host,
                 node_rank=rank,
-                argv=self._torchrun(ctx, host, rank, nproc) + [self._entrypoint(ctx)] + engine_argv,
+                argv=self._torchrun(ctx, host, rank, nproc) + [self._entrypoint(ctx)] + engine_argv
+                + (["--hetero-current-device-type", host.type] if hetero_on and host.type else []),
                 env=_train_env(ctx, host),
                 cwd=os.getcwd(),
                 log_path=str(ctx.log_dir / f"{host.slug}.log"),
