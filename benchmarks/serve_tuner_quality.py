@@ -106,7 +106,7 @@ def replay(grid: list[dict[str, str]], bound: float, seeds: int) -> tuple[int, f
     results = {c.key: ServeResult(trial=i, candidate=c, status=TrialStatus.OK,
                                   figures={k: float(r[k]) if r[k] else None for k in METRICS})
                for i, (c, r) in enumerate(zip(candidates, grid), 1)}
-    objective = Objective(metric=METRIC, higher_is_better=True, slo={"itl_p95_ms": bound}, higher=METRICS)
+    objective = Objective(metric=METRIC, slo={"itl_p95_ms": bound})
     search, seen = ServeSearch(candidates, order, targets, objective), {}
     while (step := search.next(seen)).candidate is not None:
         seen[step.candidate.key] = results[step.candidate.key]

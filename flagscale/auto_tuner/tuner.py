@@ -234,14 +234,7 @@ class Tuner:
         console.print(f"  run it: python run.py --config-path {shlex.quote(str(best_path.parent))} "
                       "--config-name best action=run")
         if self.config.control.run_best and not reason.startswith("interrupted"):
-            return self._run_best(self.best_job(best))
-        return 0
-
-    def _run_best(self, best_job: JobConfig) -> int:
-        if self.run_job is not None:
-            return self.run_job(best_job)
-        record = jobs.launch(best_job)
-        console.print(f"started the best configuration: job {record.run_id}, log {record.hosts[0].log_path}")
+            return run_best(self.best_job(best), self.run_job)
         return 0
 
     def _rank(self, r: TrialResult) -> tuple[int, float, int]:
@@ -289,6 +282,18 @@ class Tuner:
                 "predicted_step_ms": round(search.predicted_ms(c), 3), "reason": r.reason if r else None,
             })
         return sorted(rows, key=lambda row: (row["trial"] is None, row["trial"] or 0, row["key"]))
+
+
+def run_best(job: JobConfig, run_job: RunJob | None) -> int:
+    """control.run_best: start the best configuration with `run_job` (run.py's `run`, which prints how to follow
+    it), else launch it here and say where it runs."""
+    if run_job is not None:
+        return run_job(job)
+    record = jobs.launch(job)
+    urls = " ".join(record.info.get("urls", {}).values())
+    console.print(f"started the best configuration: job {record.run_id}, log {record.hosts[0].log_path}"
+                  + (f", serving at {urls}" if urls else ""))
+    return 0
 
 
 def stop_orphan_trials(directory: Path, history: History) -> None:

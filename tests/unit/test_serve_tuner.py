@@ -16,7 +16,7 @@ import yaml
 
 from flagscale.auto_tuner.history import History, TrialStatus
 from flagscale.auto_tuner.serve import tuner as tuner_module
-from flagscale.auto_tuner.serve.config import METRICS, load_serve_tuner_config
+from flagscale.auto_tuner.serve.config import load_serve_tuner_config
 from flagscale.auto_tuner.serve.history import SERVE_ROWS, ServeResult
 from flagscale.auto_tuner.serve.search import Objective, ServeSearch, needs_more_memory
 from flagscale.auto_tuner.serve.space import ServeCandidate
@@ -99,7 +99,7 @@ def test_upstream_metric_names_and_grid() -> None:
 
 SLOTS, THREADS, BATCH = [1, 2, 4, 8, 16], [1, 2, 4], [16, 64, 256, 1024]
 ORDER = {"llama_cpp": {"parallel": SLOTS, "threads": THREADS, "batch_size": BATCH}, "vllm": {"max_num_seqs": [2, 8]}}
-OBJECTIVE = Objective(metric="output_tokens_per_s", higher_is_better=True, slo={"itl_p95_ms": 6.0}, higher=METRICS)
+OBJECTIVE = Objective(metric="output_tokens_per_s", slo={"itl_p95_ms": 6.0})
 
 
 def landscape(c: ServeCandidate) -> dict[str, float]:
@@ -179,7 +179,7 @@ def test_an_oom_prunes_every_candidate_needing_more_memory() -> None:
 def test_slo_violation_ranks_below_and_closest() -> None:
     fast = ServeCandidate("llama_cpp", (("parallel", 16), ("threads", 1), ("batch_size", 256)))
     slow = ServeCandidate("llama_cpp", (("parallel", 1), ("threads", 4), ("batch_size", 256)))
-    strict = Objective(metric="output_tokens_per_s", higher_is_better=True, slo={"itl_p95_ms": 0.1}, higher=METRICS)
+    strict = Objective(metric="output_tokens_per_s", slo={"itl_p95_ms": 0.1})
     a, b = result(1, fast), result(2, slow)
     assert strict.best([a, b]) is None and strict.closest([a, b]) == b  # b's ITL is nearer the bound
     assert strict.violation(b) == pytest.approx(landscape(slow)["itl_p95_ms"] / 0.1 - 1)

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flagscale.auto_tuner.history import TrialStatus
-from flagscale.auto_tuner.serve.config import REPLICAS
+from flagscale.auto_tuner.serve.config import METRICS, REPLICAS
 from flagscale.auto_tuner.serve.history import ServeResult
 from flagscale.auto_tuner.serve.space import ServeCandidate, distance
 from flagscale.serve.engines import engine_for
@@ -42,10 +42,13 @@ class Objective:
     """performance.metric under performance.slo."""
 
     metric: str
-    higher_is_better: bool
-    slo: Mapping[str, float]
-    higher: Mapping[str, bool]
-    """Figure -> whether higher is better (a latency bound is a maximum, a throughput bound a minimum)."""
+    """A figure of METRICS (flagscale/auto_tuner/serve/config.py: which ones are better higher)."""
+    slo: Mapping[str, float] = field(default_factory=dict)
+    """Figure -> bound: a latency's is a maximum, a throughput's a minimum."""
+
+    @property
+    def higher_is_better(self) -> bool:
+        return METRICS[self.metric]
 
     def violations(self, r: ServeResult) -> dict[str, float]:
         """SLO figure -> how far beyond its bound the trial is (a fraction of the bound; a missing figure: inf)."""
@@ -54,9 +57,9 @@ class Objective:
             value = r.metric(name)
             if value is None:
                 out[name] = math.inf
-            elif self.higher[name] and value < bound:
+            elif METRICS[name] and value < bound:
                 out[name] = bound / value - 1 if value > 0 else math.inf
-            elif not self.higher[name] and value > bound:
+            elif not METRICS[name] and value > bound:
                 out[name] = value / bound - 1
         return out
 

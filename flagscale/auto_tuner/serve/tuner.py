@@ -11,13 +11,12 @@ import shlex
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from flagscale import jobs
 from flagscale.auto_tuner.history import History, fingerprint
 from flagscale.auto_tuner.report import LiveView, wide, write_best
 from flagscale.auto_tuner.serve.config import METRICS, ServeTunerConfig, load_serve_tuner_config
@@ -26,7 +25,7 @@ from flagscale.auto_tuner.serve.report import plot_tradeoff, serve_line, serve_t
 from flagscale.auto_tuner.serve.search import Objective, ServeSearch
 from flagscale.auto_tuner.serve.space import ServeCandidate, deployment_of, fit_problems, generate, trial_item
 from flagscale.auto_tuner.serve.trial import ServeTrialRun, run_serve_trial, serve_job
-from flagscale.auto_tuner.tuner import stop_orphan_trials
+from flagscale.auto_tuner.tuner import RunJob, run_best, stop_orphan_trials
 from flagscale.config.loader import JobConfig, select_hosts
 from flagscale.exceptions import ConfigError
 from flagscale.serve.deployment import parse_deployments
@@ -34,7 +33,6 @@ from flagscale.serve.engines import engine_for
 from flagscale.serve.loadgen import LoadProfile
 
 console = Console(highlight=False, soft_wrap=True)
-RunJob = Callable[[JobConfig], int]
 DEFAULT_ENGINE = "vllm"
 
 
@@ -69,8 +67,7 @@ class ServeTuner:
         self.profile = dataclasses.replace(profile, timeout_s=min(profile.timeout_s, limit))
         self.item["ready_timeout_s"] = min(self.deployment.ready_timeout_s, limit)
         performance = self.config.performance
-        self.objective = Objective(metric=performance.metric, higher_is_better=performance.higher_is_better,
-                                   slo=dict(performance.slo), higher=METRICS)
+        self.objective = Objective(metric=performance.metric, slo=dict(performance.slo))
         self.vocab_size = self._vocab_size()
         self.dir = base.exp_dir / "auto_tuner"
         self.fingerprint = fingerprint({"serve": measured_item(self.item), "profile": dataclasses.asdict(self.profile),
@@ -95,10 +92,6 @@ class ServeTuner:
             raise ConfigError(f"serve[0].profile.vocab_size is needed: the vocabulary of the model {unknown[0]} serves "
                               "could not be read from its files (the load's prompts are token ids below it)")
         return min(v for v in sizes.values() if v)
-
-    @property
-    def order(self) -> dict[str, dict[str, list[Any]]]:
-        return self.config.space
 
     def targets(self) -> dict[str, dict[str, Any]]:
         """Each engine's configured settings, by vLLM's and the engine's own names (where the scouts start)."""
@@ -132,7 +125,7 @@ class ServeTuner:
             raise ConfigError(f"no candidate is left to try; e.g. {reason}. Widen experiment.auto_tuner.space or "
                               "change serve[0].profile")
         control = self.config.control
-        search = ServeSearch(candidates, self.order, self.targets(), self.objective, search=control.search,
+        search = ServeSearch(candidates, self.config.space, self.targets(), self.objective, search=control.search,
                              stop_margin=control.stop_margin, min_gain=control.min_gain)
         try:
             reason = self._loop(candidates, history, search)
@@ -221,7 +214,7 @@ class ServeTuner:
         console.print(f"  files: {files}")
         console.print(f"  serve it: flagscale serve {self.deployment.serve_id} {shlex.quote(str(path))}")
         if self.config.control.run_best and not reason.startswith("interrupted"):
-            return self._run_best(self.best_job(best))
+            return run_best(self.best_job(best), self.run_job)
         return 0
 
     def configured_result(self, results: list[ServeResult]) -> ServeResult | None:
@@ -234,13 +227,6 @@ class ServeTuner:
         """The best configuration as the user's own serve job (their exp_dir and name), action=run."""
         return serve_job(self.base, trial_item(self.item, best.candidate), self.base.exp_dir,
                          self.base.experiment.exp_name, "run", keep_tuner=True)
-
-    def _run_best(self, job: JobConfig) -> int:
-        if self.run_job is not None:
-            return self.run_job(job)
-        record = jobs.launch(job)
-        console.print(f"serving the best configuration: {next(iter(record.info.get('urls', {}).values()), '')}")
-        return 0
 
     def _write_best(self, best: ServeResult) -> Path:
         path = self.dir / "best.yaml"
